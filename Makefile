@@ -1,0 +1,44 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: venv lock lint test services-up services-down demo clean
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: requirements/dev.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/pip install -r requirements/dev.lock
+	$(BIN)/pip install -e . --no-deps
+	touch $@
+
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/pip install uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra celery --extra postgres \
+		--extra sqlalchemy --python-version 3.11 -o requirements/dev.lock
+
+lint: venv
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: venv lint
+	scripts/run-tests.sh $(PYTEST_ARGS)
+
+services-up:
+	scripts/services.sh install
+	scripts/services.sh start
+	@echo "now: source .services.env && $(BIN)/python -m pytest"
+
+services-down:
+	scripts/services.sh stop
+
+demo: venv
+	$(BIN)/reliable-job demo
+
+clean: services-down
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .import_linter_cache src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

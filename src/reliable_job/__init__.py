@@ -1,0 +1,26 @@
+"""reliable-job: transactional, durable background jobs (a transactional outbox for Celery)."""
+
+from reliable_job.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    DatabaseUnavailable,
+    NotSerializableError,
+    ReliableJobError,
+    StagingError,
+)
+from reliable_job.settings import Settings
+from reliable_job.staging import bind
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "NotSerializableError",
+    "ReliableJobError",
+    "Settings",
+    "StagingError",
+    "__version__",
+    "bind",
+]

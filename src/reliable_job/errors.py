@@ -1,0 +1,30 @@
+"""The exceptions reliable-job raises. Every one derives from :class:`ReliableJobError`."""
+
+from __future__ import annotations
+
+
+class ReliableJobError(Exception):
+    """Base class of every error raised by reliable-job."""
+
+
+class ConfigurationError(ReliableJobError, ValueError):
+    """A setting is missing or has a value reliable-job cannot use."""
+
+
+class NotSerializableError(ReliableJobError, TypeError):
+    """The job's arguments cannot be encoded by the task's serializer.
+
+    Raised at the call site, before anything is staged; the caller's transaction is left usable.
+    """
+
+
+class StagingError(ReliableJobError):
+    """The job could not be written to the outbox."""
+
+
+class BrokerUnavailable(ReliableJobError):
+    """The broker cannot be reached; the relay keeps the rows pending and retries."""
+
+
+class DatabaseUnavailable(ReliableJobError):
+    """The outbox database cannot be reached; the relay retries."""

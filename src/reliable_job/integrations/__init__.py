@@ -1,0 +1,1 @@
+"""Adapters at the edge: job systems (Celery) and database layers (SQLAlchemy)."""

@@ -1,0 +1,143 @@
+"""Celery: stage reliable tasks in the outbox instead of publishing them.
+
+``install(app)`` wraps ``app.send_task`` (which ``Task.apply_async``, ``delay`` and signatures all
+go through). For a reliable task it runs Celery's own message preparation with a producer that
+captures instead of sending, then writes the finished message to the outbox in the caller's
+transaction. The caller gets the usual ``AsyncResult`` with the real task id.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kombu.exceptions import EncodeError
+from kombu.utils.uuid import uuid
+
+from reliable_job.completion import Completion
+from reliable_job.errors import NotSerializableError, StagingError
+from reliable_job.integrations.celery.capture import CapturingProducer
+from reliable_job.ports import StagedJob
+from reliable_job.relay import Relay
+from reliable_job.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SESSION_OPTION = "reliable_job_session"
+"""``apply_async`` option: stage this one call in the given session's or connection's transaction."""
+
+
+class ReliableCelery:
+    """reliable-job installed on one Celery app: staging, completion and relays."""
+
+    def __init__(self, app: Any, settings: Settings, database: Any = None) -> None:
+        self.app = app
+        self.settings = settings
+        if database is None:
+            from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase
+
+            database = SQLAlchemyDatabase(settings)
+        self.database = database
+        self.completion = Completion(database, preserve_dead_jobs=settings.preserve_dead_jobs)
+        self._capture_connection: Any = None
+        self._send_task: Callable[..., Any] | None = None
+
+    # -- which tasks ---------------------------------------------------------------------------
+
+    def is_reliable(self, name: str, task: Any = None) -> bool:
+        """A task's own ``reliable_job`` option wins; else ``enable_for_all_jobs`` decides.
+
+        Celery's built-in tasks (``celery.*``) are reliable only when they say so.
+        """
+        if task is None:
+            task = self.app._tasks.get(name)
+        flag = getattr(task, "reliable_job", None) if task is not None else None
+        if flag is not None:
+            return bool(flag)
+        return self.settings.enable_for_all_jobs and not name.startswith("celery.")
+
+    # -- staging -------------------------------------------------------------------------------
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        assert self._send_task is not None
+        target = options.pop(SESSION_OPTION, None)
+        if not self.is_reliable(name, options.get("task_type")):
+            return self._send_task(name, args, kwargs, **options)
+        task_id = options.get("task_id") or uuid()
+        parent = self.app.current_worker_task
+        if parent is not None and parent.request.id == task_id:
+            # Celery re-publishing a job that is already in the outbox (a retry): not staged again.
+            return self._send_task(name, args, kwargs, **options)
+        options["task_id"] = task_id
+        options.pop("connection", None)
+        options.pop("publisher", None)
+        producer = CapturingProducer(self._capture_conn(), auto_declare=False)
+        options["producer"] = producer
+        try:
+            result = self._send_task(name, args, kwargs, **options)
+        except EncodeError as exc:
+            raise NotSerializableError(
+                f"cannot enqueue {name}[{task_id}]: its arguments cannot be serialized: {exc}"
+            ) from exc
+        captured = producer.captured
+        if captured is None:
+            raise StagingError(f"Celery published no message for {name}[{task_id}]")
+        job = StagedJob(task_id, name, captured.queue, captured.to_json())
+        self.database.stager.stage([job], target)
+        return result
+
+    def _capture_conn(self) -> Any:
+        if self._capture_connection is None:
+            # Never connected: it only lets Celery and kombu prepare the message.
+            self._capture_connection = self.app.connection_for_write()
+        return self._capture_connection
+
+    # -- relay ---------------------------------------------------------------------------------
+
+    def relay(self) -> Relay:
+        from reliable_job.integrations.celery.broker import KombuBroker
+
+        s = self.settings
+        return Relay(
+            self.database,
+            KombuBroker(self.app),
+            batch_size=s.batch_size,
+            poll_interval=s.poll_interval,
+            backoff_cap=s.backoff_cap,
+            max_publish_attempts=s.max_publish_attempts,
+        )
+
+
+def install(app: Any, *, database: Any = None, **settings: Any) -> ReliableCelery:
+    """Install reliable-job on a Celery app; settings as keyword arguments or ``RELIABLE_JOB_*``.
+
+    Stages reliable tasks, deletes their rows when they complete (in ``celery worker``), and starts
+    a relay thread in every worker unless ``relay_in_worker=False``.
+    """
+    from reliable_job.integrations.celery.worker import connect_worker
+
+    existing = getattr(app, "reliable_job", None)
+    original = existing._send_task if existing is not None else app.send_task
+    runtime = ReliableCelery(app, Settings.from_env(**settings), database)
+    runtime._send_task = original
+
+    @functools.wraps(original)
+    def send_task(name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        return runtime.send_task(name, args, kwargs, **options)
+
+    app.send_task = send_task
+    app.reliable_job = runtime
+    connect_worker(app)
+    return runtime
+
+
+def runtime_of(app: Any) -> ReliableCelery:
+    runtime = getattr(app, "reliable_job", None)
+    if not isinstance(runtime, ReliableCelery):
+        raise StagingError(
+            "reliable-job is not installed on this Celery app: call "
+            "reliable_job.integrations.celery.install(app)"
+        )
+    return runtime

@@ -1,0 +1,78 @@
+"""The relay's side of the broker: publishes stored messages through the app's broker connection,
+one round trip per batch where the transport supports it (kombu's publish batches)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kombu import Producer
+from kombu.exceptions import OperationalError
+
+from reliable_job.errors import BrokerUnavailable
+from reliable_job.integrations.celery.message import publish_arguments
+from reliable_job.ports import ClaimedRow
+
+logger = logging.getLogger(__name__)
+
+_TIMEOUTS = {"socket_timeout": 10, "socket_connect_timeout": 5}
+
+
+class KombuBroker:
+    """Implements the core's ``Broker`` port with a Celery app's real broker connection."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._connection: Any = None
+        self._producer: Any = None
+
+    def _ensure_producer(self) -> Any:
+        if self._producer is None:
+            options = dict(_TIMEOUTS, **(self.app.conf.broker_transport_options or {}))
+            self._connection = self.app.connection_for_write(transport_options=options)
+            self._producer = Producer(self._connection, auto_declare=False)
+        return self._producer
+
+    def publish(self, rows: Sequence[ClaimedRow]) -> Mapping[int, Exception]:
+        failures: dict[int, Exception] = {}
+        try:
+            producer = self._ensure_producer()
+            outage = self._outage_errors()
+            with producer.batch(max_size=max(1, len(rows))):
+                for row in rows:
+                    try:
+                        body, kwargs = publish_arguments(row.message)
+                        queues = self.app.amqp.queues
+                        declare = [queues[name] for name in kwargs.pop("declare_names")]
+                        producer.publish(
+                            body, declare=declare, retry=False, serializer=None,
+                            compression=None, **kwargs,
+                        )
+                    except outage:
+                        raise
+                    except Exception as exc:
+                        failures[row.id] = exc
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, self._outage_errors()):
+                raise
+            self.close()
+            raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
+        return failures
+
+    def _outage_errors(self) -> tuple[type[BaseException], ...]:
+        conn = self._connection
+        errors: tuple[type[BaseException], ...] = (OperationalError, OSError)
+        if conn is not None:
+            errors += tuple(conn.connection_errors) + tuple(conn.channel_errors)
+        return errors
+
+    def close(self) -> None:
+        connection, self._connection, self._producer = self._connection, None, None
+        if connection is not None:
+            try:
+                connection.release()
+            except Exception:
+                logger.debug("error closing the broker connection", exc_info=True)

@@ -1,0 +1,86 @@
+"""Inside ``celery worker``: the relay bootstep and the completion signal handlers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import bootsteps, signals
+
+logger = logging.getLogger(__name__)
+
+
+class RelayStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs a relay thread in the worker's main process, after the pool has started."""
+
+    requires = ("celery.worker.components:Pool",)
+    label = "reliable-job relay"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        runtime = getattr(worker.app, "reliable_job", None)
+        self.enabled = bool(runtime is not None and runtime.settings.relay_in_worker)
+        self.runtime = runtime
+        self.relay: Any = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        assert self.runtime is not None
+        self.relay = self.runtime.relay()
+        self.thread = threading.Thread(
+            target=self.relay.run, name="reliable-job-relay", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.relay is not None:
+            self.relay.stop()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    shutdown = stop
+
+
+def _runtime_for(task: Any) -> Any:
+    if task is None:
+        return None
+    runtime = getattr(task.app, "reliable_job", None)
+    if runtime is None or not runtime.is_reliable(task.name, task):
+        return None
+    return runtime
+
+
+def _on_success(sender: Any = None, **_: Any) -> None:
+    runtime = _runtime_for(sender)
+    if runtime is not None:
+        runtime.completion.succeeded(sender.request.id)
+
+
+def _on_failure(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_: Any
+) -> None:
+    runtime = _runtime_for(sender)
+    if runtime is not None and task_id:
+        runtime.completion.failed(task_id, f"{type(exception).__name__}: {exception}")
+
+
+def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    runtime = _runtime_for(sender)
+    if runtime is not None and request is not None:
+        reason = "expired" if _.get("expired") else "revoked"
+        runtime.completion.failed(request.id, reason)
+
+
+_connected = False
+
+
+def connect_worker(app: Any) -> None:
+    """Register the relay bootstep on ``app`` and the completion handlers (once per process)."""
+    global _connected
+    if RelayStep not in app.steps["worker"]:
+        app.steps["worker"].add(RelayStep)
+    if not _connected:
+        signals.task_success.connect(_on_success, weak=False)
+        signals.task_failure.connect(_on_failure, weak=False)
+        signals.task_revoked.connect(_on_revoked, weak=False)
+        _connected = True

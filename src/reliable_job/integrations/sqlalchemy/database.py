@@ -1,0 +1,264 @@
+"""The outbox on SQLAlchemy: staging writers that join the caller's transaction, and the store the
+relay, completion and CLI use."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Insert,
+    MetaData,
+    Table,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.orm import Session, scoped_session
+
+from reliable_job import schema
+from reliable_job.errors import ConfigurationError, DatabaseUnavailable
+from reliable_job.ports import ClaimedRow, OutboxStatus, OutboxWriter, StagedJob
+from reliable_job.settings import Settings
+from reliable_job.staging import Stager
+
+logger = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def create_outbox_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine suited to the outbox: pre-ping on servers; on SQLite, WAL, a busy timeout and
+    ``BEGIN IMMEDIATE`` transactions (one writer at a time, working savepoints)."""
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+            _sqlite_immediate(engine)
+        else:
+            kwargs.setdefault("pool_pre_ping", True)
+            engine = create_engine(url, **kwargs)
+    except (ArgumentError, ImportError, ValueError) as exc:
+        raise ConfigurationError(f"bad database URL: {exc}") from exc
+    _dispose_after_fork(engine)
+    return engine
+
+
+def _sqlite_immediate(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _dispose_after_fork(engine: Engine) -> None:
+    # Connections must never be shared with a forked child (Celery's prefork pool).
+    os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
+
+
+class _Claim:
+    def __init__(self, db: SQLAlchemyDatabase, conn: Connection, rows: list[ClaimedRow]) -> None:
+        self._db = db
+        self._conn = conn
+        self.rows = rows
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        t = self._db.table
+        now = utcnow()
+        self._conn.execute(
+            update(t)
+            .where(t.c.id.in_(list(ids)))
+            .values(state=schema.SENT, sent_at=now, updated_at=now, available_at=None,
+                    attempts=t.c.attempts + 1)
+        )
+
+    def mark_failed(self, row: ClaimedRow, error: str, *, retry_in: float | None) -> None:
+        t = self._db.table
+        now = utcnow()
+        values: dict[str, Any] = {"attempts": t.c.attempts + 1, "last_error": error,
+                                  "updated_at": now}
+        if retry_in is None:
+            values["state"] = schema.DEAD
+        else:
+            values["available_at"] = now + timedelta(seconds=retry_in)
+        self._conn.execute(update(t).where(t.c.id == row.id).values(**values))
+
+
+class _Writer:
+    """Writes staged rows through ``execute`` (a session's or a connection's)."""
+
+    def __init__(self, db: SQLAlchemyDatabase, target: Session | Connection, dialect: str) -> None:
+        self._db = db
+        self._target = target
+        self._dialect = dialect
+
+    def write(self, jobs: Sequence[StagedJob]) -> None:
+        self._target.execute(self._db.insert_statement(self._dialect), self._db.rows(jobs))
+
+
+class _OwnTransactionWriter:
+    def __init__(self, db: SQLAlchemyDatabase) -> None:
+        self._db = db
+
+    def write(self, jobs: Sequence[StagedJob]) -> None:
+        engine = self._db.engine
+        with engine.begin() as conn:
+            conn.execute(self._db.insert_statement(engine.dialect.name), self._db.rows(jobs))
+
+
+class SQLAlchemyDatabase:
+    """The outbox table in one SQLAlchemy database."""
+
+    def __init__(self, settings: Settings, *, metadata: MetaData | None = None) -> None:
+        self.settings = settings
+        self.engine: Engine = settings.engine or create_outbox_engine(settings.database_url)
+        self.table: Table = (
+            metadata.tables.get(settings.table_name) if metadata is not None else None
+        ) or _table(settings.table_name)
+        self._inserts: dict[str, Insert] = {}
+        self.stager = Stager(
+            adapt=self.writer_for,
+            own_transaction=lambda: _OwnTransactionWriter(self),
+            session_provider=settings.session,
+        )
+
+    # -- staging -------------------------------------------------------------------------------
+
+    def insert_statement(self, dialect: str) -> Insert:
+        stmt = self._inserts.get(dialect)
+        if stmt is None:
+            if dialect == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+                stmt = pg_insert(self.table).on_conflict_do_nothing(index_elements=["job_id"])
+            elif dialect == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+                stmt = sqlite_insert(self.table).on_conflict_do_nothing(index_elements=["job_id"])
+            else:
+                stmt = insert(self.table)
+            self._inserts[dialect] = stmt
+        return stmt
+
+    def rows(self, jobs: Sequence[StagedJob]) -> list[dict[str, Any]]:
+        now = utcnow()
+        return [
+            {"job_id": j.job_id, "task_name": j.task_name, "queue": j.queue,
+             "message": j.message, "created_at": now, "updated_at": now}
+            for j in jobs
+        ]
+
+    def writer_for(self, target: Any, explicit: bool) -> OutboxWriter | None:
+        """The writer joining ``target``'s transaction (see :class:`~reliable_job.staging.Stager`)."""
+        if isinstance(target, scoped_session):
+            target = target()
+        if isinstance(target, Session):
+            if not explicit and not target.in_transaction():
+                return None
+            return _Writer(self, target, target.get_bind().dialect.name)
+        if isinstance(target, Connection):
+            if not explicit and not target.in_transaction():
+                return None
+            return _Writer(self, target, target.dialect.name)
+        raise ConfigurationError(
+            f"cannot stage in {type(target).__name__}: pass a SQLAlchemy Session or Connection"
+        )
+
+    # -- the store (relay, completion, CLI) -------------------------------------------------------
+
+    @contextmanager
+    def claim(self, limit: int) -> Iterator[_Claim]:
+        t = self.table
+        now = utcnow()
+        stmt = (
+            select(t.c.id, t.c.job_id, t.c.message, t.c.attempts)
+            .where(t.c.state == schema.PENDING)
+            .where(or_(t.c.available_at.is_(None), t.c.available_at <= now))
+            .order_by(t.c.id)
+            .limit(limit)
+        )
+        if self.engine.dialect.name != "sqlite":
+            stmt = stmt.with_for_update(skip_locked=True)
+        with self._unavailable_as_error(), self.engine.begin() as conn:
+            rows = [ClaimedRow(r.id, r.job_id, r.message, r.attempts)
+                    for r in conn.execute(stmt)]
+            yield _Claim(self, conn, rows)
+
+    def complete(self, job_id: str) -> int:
+        with self._unavailable_as_error(), self.engine.begin() as conn:
+            return conn.execute(delete(self.table).where(self.table.c.job_id == job_id)).rowcount
+
+    def bury(self, job_id: str, error: str) -> int:
+        t = self.table
+        with self._unavailable_as_error(), self.engine.begin() as conn:
+            return conn.execute(
+                update(t).where(t.c.job_id == job_id)
+                .values(state=schema.DEAD, last_error=error, updated_at=utcnow())
+            ).rowcount
+
+    def status(self) -> OutboxStatus:
+        t = self.table
+        with self._unavailable_as_error(), self.engine.connect() as conn:
+            counts: dict[str, int] = dict(conn.execute(select(t.c.state, func.count()).group_by(t.c.state)).all())
+            oldest = conn.execute(
+                select(func.min(t.c.created_at)).where(t.c.state == schema.PENDING)
+            ).scalar()
+        age = None
+        if oldest is not None:
+            if oldest.tzinfo is None:
+                oldest = oldest.replace(tzinfo=timezone.utc)
+            age = max(0.0, (utcnow() - oldest).total_seconds())
+        return OutboxStatus(
+            pending=counts.get(schema.PENDING, 0),
+            sent=counts.get(schema.SENT, 0),
+            dead=counts.get(schema.DEAD, 0),
+            oldest_pending_seconds=age,
+        )
+
+    def retry_dead(self) -> int:
+        t = self.table
+        with self._unavailable_as_error(), self.engine.begin() as conn:
+            return conn.execute(
+                update(t).where(t.c.state == schema.DEAD)
+                .values(state=schema.PENDING, attempts=0, available_at=None, updated_at=utcnow())
+            ).rowcount
+
+    def create_table(self) -> None:
+        with self._unavailable_as_error():
+            self.table.metadata.create_all(self.engine, tables=[self.table])
+
+    @contextmanager
+    def _unavailable_as_error(self) -> Iterator[None]:
+        try:
+            yield
+        except DBAPIError as exc:
+            raise DatabaseUnavailable(f"outbox database error: {exc.orig or exc}") from exc
+
+
+def _table(name: str) -> Table:
+    from reliable_job.integrations.sqlalchemy.table import outbox_table
+
+    return outbox_table(MetaData(), name)

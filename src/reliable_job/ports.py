@@ -1,0 +1,102 @@
+"""The two ports between the core and its adapters: the outbox database and the broker.
+
+Adapters (``reliable_job.integrations.*``) implement them; ``reliable_job.testing`` has in-memory
+fakes for unit tests of the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class StagedJob:
+    """One job, ready to be written to the outbox: the finished broker message and its keys."""
+
+    job_id: str
+    task_name: str
+    queue: str
+    message: str
+    """The finished broker message, JSON text. The relay publishes it without re-encoding."""
+
+
+@dataclass(frozen=True)
+class ClaimedRow:
+    id: int
+    job_id: str
+    message: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    pending: int
+    sent: int
+    dead: int
+    oldest_pending_seconds: float | None
+
+    def as_dict(self) -> dict[str, int | float | None]:
+        return {
+            "pending": self.pending,
+            "sent": self.sent,
+            "dead": self.dead,
+            "oldest_pending_seconds": self.oldest_pending_seconds,
+        }
+
+
+class OutboxWriter(Protocol):
+    """Writes staged jobs in some transaction: the caller's, or one of its own."""
+
+    def write(self, jobs: Sequence[StagedJob]) -> None: ...
+
+
+class Claim(Protocol):
+    """Rows claimed by one relay inside one open transaction, committed when the claim ends."""
+
+    rows: Sequence[ClaimedRow]
+
+    def mark_sent(self, ids: Sequence[int]) -> None: ...
+
+    def mark_failed(self, row: ClaimedRow, error: str, *, retry_in: float | None) -> None:
+        """Record a publish error; ``retry_in=None`` sets the row dead."""
+
+
+class OutboxStore(Protocol):
+    """The outbox table, as the relay, completion and the CLI see it."""
+
+    def claim(self, limit: int) -> AbstractContextManager[Claim]:
+        """Lock up to ``limit`` publishable rows no other relay holds.
+
+        Raises :class:`~reliable_job.errors.DatabaseUnavailable` when the database is down.
+        """
+
+    def complete(self, job_id: str) -> int:
+        """Delete the job's row; return how many rows went."""
+
+    def bury(self, job_id: str, error: str) -> int:
+        """Set the job's row dead with ``error``; return how many rows changed."""
+
+    def status(self) -> OutboxStatus: ...
+
+    def retry_dead(self) -> int:
+        """Put every dead row back to pending; return how many."""
+
+
+class Broker(Protocol):
+    """Publishes finished messages."""
+
+    def publish(self, rows: Sequence[ClaimedRow]) -> Mapping[int, Exception]:
+        """Publish every row; return the rows that could not be published, by id.
+
+        Raises :class:`~reliable_job.errors.BrokerUnavailable` when the broker cannot be reached:
+        then nothing counts as published.
+        """
+
+    def close(self) -> None: ...
+
+
+def iter_ids(rows: Sequence[ClaimedRow]) -> Iterator[int]:
+    return (row.id for row in rows)

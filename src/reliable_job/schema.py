@@ -1,0 +1,80 @@
+"""The outbox table, described once.
+
+Every concrete form of the table (the SQLAlchemy ``Table``, the CLI's DDL, Alembic revisions and,
+later, Django migrations) is rendered from :data:`COLUMNS` and :data:`INDEXES`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from reliable_job.errors import ConfigurationError
+
+DEFAULT_TABLE_NAME = "reliable_job_outbox"
+
+PENDING = "pending"
+"""Staged and committed, not yet on the broker."""
+SENT = "sent"
+"""On the broker, waiting for the worker to complete it."""
+DEAD = "dead"
+"""Set aside: could not be published, or failed for good with ``preserve_dead_jobs`` on."""
+STATES = (PENDING, SENT, DEAD)
+
+ColumnKind = Literal["id", "string", "text", "integer", "timestamp"]
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: ColumnKind
+    nullable: bool = False
+    length: int | None = None
+    unique: bool = False
+    default: str | int | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Index:
+    suffix: str
+    columns: tuple[str, ...]
+    where_pending: bool = False
+    """Partial index restricted to ``state = 'pending'``: claiming stays flat as history grows."""
+
+    def name(self, table_name: str) -> str:
+        return f"ix_{table_name}_{self.suffix}"
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("id", "id", doc="Surrogate key; claim order."),
+    Column("job_id", "string", length=255, unique=True, doc="The job's id (Celery task id)."),
+    Column("task_name", "string", length=255, doc="Registered task name."),
+    Column("queue", "string", length=255, doc="Queue (or routing key) the job is published to."),
+    Column("message", "text", doc="The finished broker message, JSON (never pickle)."),
+    Column("state", "string", length=16, default=PENDING, doc="pending / sent / dead."),
+    Column("attempts", "integer", default=0, doc="Publish attempts made so far."),
+    Column("last_error", "text", nullable=True, doc="Last publish or task error."),
+    Column("available_at", "timestamp", nullable=True, doc="Earliest next publish attempt."),
+    Column("created_at", "timestamp", doc="When the job was staged."),
+    Column("sent_at", "timestamp", nullable=True, doc="When the relay published it."),
+    Column("updated_at", "timestamp", doc="Last state change."),
+)
+
+INDEXES: tuple[Index, ...] = (
+    Index("pending", ("id",), where_pending=True),
+    Index("state", ("state", "created_at")),
+)
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,50}$")
+
+
+def validate_table_name(name: str) -> str:
+    """Return ``name`` if it is a plain SQL identifier, else raise :class:`ConfigurationError`."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise ConfigurationError(
+            f"invalid table name {name!r}: use letters, digits and underscores, "
+            "starting with a letter or underscore, at most 51 characters"
+        )
+    return name

@@ -1,0 +1,79 @@
+"""Staging: which transaction a job is written in.
+
+A job is written, in order of preference:
+
+1. in the transaction explicitly bound for this call or block (:func:`bind`);
+2. in the caller's current transaction, found through the configured session provider
+   (``Settings.session``), when that session is inside a transaction;
+3. otherwise in a short transaction of its own, committed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from reliable_job.ports import OutboxWriter, StagedJob
+
+logger = logging.getLogger(__name__)
+
+_bound: ContextVar[Any] = ContextVar("reliable_job_bound_target", default=None)
+
+AdaptTarget = Callable[[Any, bool], "OutboxWriter | None"]
+"""``adapt(target, explicit)``: the writer joining ``target``'s transaction, or ``None`` when an
+implicit target has no transaction open (then the job gets a transaction of its own)."""
+
+
+@contextmanager
+def bind(target: Any) -> Iterator[None]:
+    """Stage every reliable job enqueued in this block in ``target``'s transaction.
+
+    ``target`` is a database session or connection (a SQLAlchemy ``Session`` or ``Connection``).
+    The block does not commit anything: the jobs become real when the caller's transaction commits.
+    """
+    token = _bound.set(target)
+    try:
+        yield
+    finally:
+        _bound.reset(token)
+
+
+class Stager:
+    """Resolves the transaction for each staged job and writes it there."""
+
+    def __init__(
+        self,
+        *,
+        adapt: AdaptTarget,
+        own_transaction: Callable[[], OutboxWriter],
+        session_provider: Callable[[], Any] | None = None,
+    ) -> None:
+        self._adapt = adapt
+        self._own_transaction = own_transaction
+        self._session_provider = session_provider
+
+    def writer(self, target: Any = None) -> OutboxWriter:
+        explicit = target if target is not None else _bound.get()
+        if explicit is not None:
+            writer = self._adapt(explicit, True)
+            assert writer is not None
+            return writer
+        if self._session_provider is not None:
+            implicit = self._session_provider()
+            if implicit is not None:
+                writer = self._adapt(implicit, False)
+                if writer is not None:
+                    return writer
+        return self._own_transaction()
+
+    def stage(self, jobs: Sequence[StagedJob], target: Any = None) -> None:
+        self.writer(target).write(jobs)
+        if logger.isEnabledFor(logging.DEBUG):
+            for job in jobs:
+                logger.debug(
+                    "staged %s[%s]", job.task_name, job.job_id,
+                    extra={"reliable_job.job_id": job.job_id},
+                )

@@ -1,0 +1,147 @@
+"""In-memory fakes of the core's ports, for unit tests (yours and ours).
+
+They follow the same contract as the real adapters; they are not for production.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from reliable_job.errors import BrokerUnavailable
+from reliable_job.ports import ClaimedRow, OutboxStatus, StagedJob
+from reliable_job.schema import DEAD, PENDING, SENT
+
+
+@dataclass
+class FakeRow:
+    id: int
+    job: StagedJob
+    state: str = PENDING
+    attempts: int = 0
+    last_error: str | None = None
+    available_at: float = 0.0
+    created_at: float = field(default_factory=time.time)
+
+
+class _FakeClaim:
+    def __init__(self, store: InMemoryStore, rows: list[ClaimedRow]) -> None:
+        self._store = store
+        self.rows = rows
+        self._changes: list[tuple[int, dict[str, object]]] = []
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        for row_id in ids:
+            attempts = self._store.rows[row_id].attempts + 1
+            self._changes.append((row_id, {"state": SENT, "attempts": attempts}))
+
+    def mark_failed(self, row: ClaimedRow, error: str, *, retry_in: float | None) -> None:
+        change: dict[str, object] = {"attempts": row.attempts + 1, "last_error": error}
+        if retry_in is None:
+            change["state"] = DEAD
+        else:
+            change["available_at"] = time.time() + retry_in
+        self._changes.append((row.id, change))
+
+
+class InMemoryStore:
+    """The outbox table in a dict. Claims lock rows until the claim ends, like SKIP LOCKED."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, FakeRow] = {}
+        self._ids = itertools.count(1)
+        self._locked: set[int] = set()
+        self._lock = threading.Lock()
+
+    def write(self, jobs: Sequence[StagedJob]) -> None:
+        with self._lock:
+            known = {r.job.job_id for r in self.rows.values()}
+            for job in jobs:
+                if job.job_id not in known:
+                    row_id = next(self._ids)
+                    self.rows[row_id] = FakeRow(row_id, job)
+
+    @contextmanager
+    def claim(self, limit: int) -> Iterator[_FakeClaim]:
+        now = time.time()
+        with self._lock:
+            picked = [
+                r for r in sorted(self.rows.values(), key=lambda r: r.id)
+                if r.state == PENDING and r.available_at <= now and r.id not in self._locked
+            ][:limit]
+            self._locked.update(r.id for r in picked)
+        claim = _FakeClaim(
+            self, [ClaimedRow(r.id, r.job.job_id, r.job.message, r.attempts) for r in picked]
+        )
+        try:
+            yield claim
+            with self._lock:  # commit
+                for row_id, change in claim._changes:
+                    if row_id in self.rows:
+                        for key, value in change.items():
+                            setattr(self.rows[row_id], key, value)
+        finally:
+            with self._lock:
+                self._locked.difference_update(r.id for r in picked)
+
+    def complete(self, job_id: str) -> int:
+        with self._lock:
+            gone = [i for i, r in self.rows.items() if r.job.job_id == job_id]
+            for i in gone:
+                del self.rows[i]
+            return len(gone)
+
+    def bury(self, job_id: str, error: str) -> int:
+        with self._lock:
+            hit = [r for r in self.rows.values() if r.job.job_id == job_id]
+            for r in hit:
+                r.state, r.last_error = DEAD, error
+            return len(hit)
+
+    def status(self) -> OutboxStatus:
+        with self._lock:
+            rows = list(self.rows.values())
+        pending = [r for r in rows if r.state == PENDING]
+        oldest = min((r.created_at for r in pending), default=None)
+        return OutboxStatus(
+            pending=len(pending),
+            sent=sum(r.state == SENT for r in rows),
+            dead=sum(r.state == DEAD for r in rows),
+            oldest_pending_seconds=None if oldest is None else time.time() - oldest,
+        )
+
+    def retry_dead(self) -> int:
+        with self._lock:
+            dead = [r for r in self.rows.values() if r.state == DEAD]
+            for r in dead:
+                r.state, r.attempts, r.available_at = PENDING, 0, 0.0
+            return len(dead)
+
+
+class InMemoryBroker:
+    """Collects published messages. Set ``down`` to simulate an outage, ``reject`` to refuse
+    particular messages (by their text) as a poison message would be."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+        self.down = False
+        self.reject: set[str] = set()
+        self.closed = 0
+
+    def publish(self, rows: Sequence[ClaimedRow]) -> Mapping[int, Exception]:
+        if self.down:
+            raise BrokerUnavailable("broker is down (fake)")
+        failures: dict[int, Exception] = {}
+        for row in rows:
+            if row.message in self.reject:
+                failures[row.id] = ValueError("rejected (fake)")
+            else:
+                self.published.append(row.message)
+        return failures
+
+    def close(self) -> None:
+        self.closed += 1

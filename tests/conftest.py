@@ -1,0 +1,281 @@
+"""Shared fixtures: real PostgreSQL, SQLite, Redis, celery worker and relay processes.
+
+``make test`` starts PostgreSQL and Redis and sets ``RELIABLE_JOB_TEST_*`` (see
+``scripts/services.sh``). With ``RELIABLE_JOB_TEST_REQUIRE_SERVICES=1`` (always under
+``make test``) a test whose service is missing fails; otherwise it is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import Engine, MetaData, Table, func, select, text
+
+from reliable_job.integrations.sqlalchemy import create_outbox_engine, outbox_table
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRE = os.environ.get("RELIABLE_JOB_TEST_REQUIRE_SERVICES") == "1"
+
+
+def need(variable: str) -> str:
+    value = os.environ.get(variable)
+    if not value:
+        message = f"{variable} is not set: run the suite with `make test`"
+        if REQUIRE:
+            pytest.fail(message)
+        pytest.skip(message)
+    return value
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
+             message: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- databases ---------------------------------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every database-backed test runs on both SQLite and PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    return need("RELIABLE_JOB_TEST_POSTGRES_URL")
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    return need("RELIABLE_JOB_TEST_POSTGRES_URL")
+
+
+@pytest.fixture
+def table_name() -> str:
+    """A fresh outbox table per test, so tests never see each other's rows."""
+    return f"outbox_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = create_outbox_engine(database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def outbox(engine: Engine, table_name: str) -> Iterator[Table]:
+    table = outbox_table(MetaData(), table_name)
+    table.metadata.create_all(engine)
+    yield table
+    table.metadata.drop_all(engine)
+
+
+def count_rows(engine: Engine, table: Table, **where: object) -> int:
+    stmt = select(func.count()).select_from(table)
+    for key, value in where.items():
+        stmt = stmt.where(table.c[key] == value)
+    with engine.connect() as conn:
+        return int(conn.execute(stmt).scalar_one())
+
+
+# -- redis ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The shared test Redis, flushed before the test."""
+    url = need("RELIABLE_JOB_TEST_REDIS_URL")
+    client = redis_lib.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    yield url
+
+
+@dataclass
+class RedisServer:
+    """A Redis server of the test's own, which the test may stop and start again (same port)."""
+
+    binary: str
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis_lib.Redis(port=self.port)
+        wait_for(lambda: _ping(client), timeout=10, message="redis to start")
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def client(self) -> redis_lib.Redis:
+        return redis_lib.Redis(port=self.port)
+
+
+def _ping(client: redis_lib.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis_lib.RedisError:
+        return False
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    binary = os.environ.get("RELIABLE_JOB_TEST_REDIS_SERVER") or shutil.which("redis-server")
+    if not binary:
+        need("RELIABLE_JOB_TEST_REDIS_SERVER")
+    server = RedisServer(str(binary), tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+# -- processes: celery workers and standalone relays ---------------------------------------------
+
+@dataclass
+class Services:
+    """Runs the test Celery app (tests/apps/celery_app.py) in real processes."""
+
+    broker_url: str
+    database_url: str
+    table_name: str
+    executions: Table
+    engine: Engine
+    log_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            RJ_TEST_BROKER_URL=self.broker_url,
+            RELIABLE_JOB_DATABASE_URL=self.database_url,
+            RELIABLE_JOB_TABLE_NAME=self.table_name,
+            RJ_TEST_EXECUTIONS=self.executions.name,
+            RELIABLE_JOB_POLL_INTERVAL="0.05",
+            RELIABLE_JOB_BACKOFF_CAP="1.0",
+            PYTHONPATH=str(ROOT),
+        )
+        env.update(self.extra_env)
+        env.update(extra)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], **extra: str) -> subprocess.Popen[bytes]:
+        path = self.log_dir / f"{name}-{len(self.processes)}.log"
+        with open(path, "wb") as log:
+            proc = subprocess.Popen(argv, env=self.env(**extra), stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=ROOT)
+        proc.log_path = str(path)  # type: ignore[attr-defined]
+        self.processes.append(proc)
+        return proc
+
+    def worker(self, *, relay: bool = True, concurrency: int = 2, **extra: str
+               ) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "celery", "-A", "tests.apps.celery_app", "worker",
+                "--loglevel=INFO", f"--concurrency={concurrency}", "--without-gossip",
+                "--without-mingle", "--without-heartbeat", "-n", f"w{uuid.uuid4().hex[:6]}@%h"]
+        proc = self._spawn("worker", argv, RELIABLE_JOB_RELAY_IN_WORKER="1" if relay else "0",
+                           **extra)
+        wait_for(lambda: b"ready." in Path(proc.log_path).read_bytes()  # type: ignore[attr-defined]
+                 or proc.poll() is not None, timeout=60, message="celery worker ready")
+        assert proc.poll() is None, Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+        return proc
+
+    def relay(self, **extra: str) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "reliable_job.cli", "relay",
+                "--app", "tests.apps.celery_app:app"]
+        return self._spawn("relay", argv, **extra)
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+             timeout: float = 30) -> int:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        return proc.wait(timeout=timeout)
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+
+    def executed(self) -> list[tuple[str, str, int]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(self.executions.c.task_id, self.executions.c.marker,
+                                       self.executions.c.attempt)).all()
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    def markers(self) -> list[str]:
+        return [marker for _, marker, _ in self.executed()]
+
+    def close(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def services(database_url: str, table_name: str, engine: Engine, outbox: Table,
+             redis_url: str, tmp_path: Path) -> Iterator[Services]:
+    """Worker and relay processes on this test's database, outbox table and Redis."""
+    from tests.apps import celery_app
+
+    executions = celery_app.executions.to_metadata(MetaData(), name=f"exec_{table_name}")
+    executions.metadata.create_all(engine)
+    svc = Services(redis_url, database_url, table_name, executions, engine, tmp_path)
+    yield svc
+    svc.close()
+    executions.metadata.drop_all(engine)
+
+
+@pytest.fixture
+def celery_app(database_url: str, table_name: str, redis_url: str, outbox: Table,
+               monkeypatch: pytest.MonkeyPatch):
+    """The test app in this process, reconfigured for this test's database, table and Redis."""
+    from reliable_job.integrations.celery import install
+    from tests.apps import celery_app as module
+
+    module.app.conf.broker_url = redis_url
+    if module.app._pool is not None:
+        module.app._pool.force_close_all()
+        module.app._pool = None
+    runtime = install(module.app, database_url=database_url, table_name=table_name)
+    yield module.app
+    runtime.database.engine.dispose()
+
+
+def sql(engine: Engine, statement: str) -> list[tuple[object, ...]]:
+    with engine.begin() as conn:
+        result = conn.execute(text(statement))
+        return [tuple(r) for r in result] if result.returns_rows else []
