@@ -267,9 +267,8 @@ def celery_app(database_url: str, table_name: str, redis_url: str, outbox: Table
     from tests.apps import celery_app as module
 
     module.app.conf.broker_url = redis_url
-    if module.app._pool is not None:
-        module.app._pool.force_close_all()
-        module.app._pool = None
+    module.app._pool = None  # new broker URL: new connection and producer pools
+    module.app.amqp._producer_pool = None
     runtime = install(module.app, database_url=database_url, table_name=table_name)
     yield module.app
     runtime.database.engine.dispose()

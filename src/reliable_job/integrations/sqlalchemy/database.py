@@ -42,8 +42,8 @@ def utcnow() -> datetime:
 
 
 def create_outbox_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine suited to the outbox: pre-ping on servers; on SQLite, WAL, a busy timeout and
-    ``BEGIN IMMEDIATE`` transactions (one writer at a time, working savepoints)."""
+    """An engine suited to the outbox: pre-ping on servers; on SQLite, WAL, a busy timeout, explicit
+    ``BEGIN`` (so savepoints work) and ``BEGIN IMMEDIATE`` for the relay's claims (one writer)."""
     try:
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
@@ -55,6 +55,9 @@ def create_outbox_engine(url: str, **kwargs: Any) -> Engine:
         raise ConfigurationError(f"bad database URL: {exc}") from exc
     _dispose_after_fork(engine)
     return engine
+
+
+_IMMEDIATE = "reliable_job_sqlite_immediate"
 
 
 def _sqlite_immediate(engine: Engine) -> None:
@@ -69,7 +72,8 @@ def _sqlite_immediate(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        immediate = conn.get_execution_options().get(_IMMEDIATE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def _dispose_after_fork(engine: Engine) -> None:
@@ -134,7 +138,11 @@ class SQLAlchemyDatabase:
 
     def __init__(self, settings: Settings, *, metadata: MetaData | None = None) -> None:
         self.settings = settings
-        self.engine: Engine = settings.engine or create_outbox_engine(settings.database_url)
+        if settings.engine is not None:
+            self.engine: Engine = settings.engine
+            _dispose_after_fork(self.engine)
+        else:
+            self.engine = create_outbox_engine(settings.database_url)
         self.table: Table = (
             metadata.tables.get(settings.table_name) if metadata is not None else None
         ) or _table(settings.table_name)

@@ -1,0 +1,303 @@
+"""``reliable-job demo``: stage jobs in transactions while the broker goes down, and check that
+every committed job ran and no rolled-back job did."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from sqlalchemy import Table, func, select
+
+from reliable_job.demo.services import Broker, DemoError, EmbeddedRedis, ExternalRedis, Worker, mask_url
+from reliable_job.demo.workload import Ledger, stage_transaction, transactions
+from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT = 180.0
+OUTAGE_SECONDS = 4.0
+PROGRESS_INTERVAL = 1.0
+POLL_INTERVAL = 0.1
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    jobs: int
+    directory: Path
+    database_url: str
+    temporary_database: bool
+    redis_url: str | None
+    run_id: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, directory: Path) -> DemoConfig:
+        if args.jobs < 1:
+            raise DemoError("--jobs must be at least 1")
+        url = args.database_url or f"sqlite:///{directory / 'demo.sqlite3'}"
+        return cls(args.jobs, directory, url, args.database_url is None, args.redis_url,
+                   uuid.uuid4().hex[:8])
+
+    def _name(self, base: str) -> str:
+        # A database of the user's may hold other runs' (or real) tables: this run's own names.
+        return base if self.temporary_database else f"{base}_{self.run_id}"
+
+    @property
+    def outbox_table(self) -> str:
+        return self._name("demo_outbox")
+
+    @property
+    def executions_table(self) -> str:
+        return self._name("demo_executions")
+
+    @property
+    def database_label(self) -> str:
+        return "sqlite (temporary file)" if self.temporary_database else mask_url(self.database_url)
+
+    def environment(self, broker_url: str) -> dict[str, str]:
+        """The variables that configure :mod:`reliable_job.demo.app`, here and in the worker."""
+        return {
+            "RJ_DEMO_BROKER_URL": broker_url,
+            "RJ_DEMO_QUEUE": f"reliable_job_demo_{self.run_id}",
+            "RJ_DEMO_EXECUTIONS": self.executions_table,
+            "RELIABLE_JOB_DATABASE_URL": self.database_url,
+            "RELIABLE_JOB_TABLE_NAME": self.outbox_table,
+            "RELIABLE_JOB_RELAY_IN_WORKER": "1",
+            "RELIABLE_JOB_POLL_INTERVAL": "0.05",
+            "RELIABLE_JOB_BACKOFF_CAP": "1",
+        }
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the database says at one moment."""
+
+    executed: int
+    pending: int
+    sent: int
+    dead: int
+
+    @property
+    def outbox(self) -> int:
+        return self.pending + self.sent + self.dead
+
+
+class Console:
+    """The demo's progress lines, on stderr, stamped with the time since the start."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def say(self, message: str) -> None:
+        print(f"demo {self.elapsed():6.1f}s  {message}", file=sys.stderr, flush=True)
+
+
+class Outage:
+    """Stops the broker once ``at_staged`` jobs are staged and starts it again ``seconds`` later."""
+
+    def __init__(self, broker: Broker, at_staged: int, seconds: float, console: Console) -> None:
+        self.broker = broker
+        self.at_staged = at_staged
+        self.planned = seconds if broker.restartable else 0.0
+        self.console = console
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.started_at is not None and self.ended_at is None
+
+    @property
+    def seconds(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        return (self.ended_at or time.monotonic()) - self.started_at
+
+    def tick(self, staged: int) -> None:
+        if self.planned <= 0:
+            return
+        if self.started_at is None and staged >= self.at_staged:
+            self.broker.stop()
+            self.started_at = time.monotonic()
+            self.console.say(f"redis DOWN: broker stopped after {staged} staged jobs; staging goes on")
+        elif self.active and self.seconds >= self.planned:
+            self.broker.start()
+            self.ended_at = time.monotonic()
+            self.console.say(f"redis UP: broker restarted on the same port after {self.seconds:.1f}s")
+
+
+class Demo:
+    def __init__(self, config: DemoConfig, console: Console, broker: Broker, worker: Worker,
+                 database: SQLAlchemyDatabase, executions: Table, task: Any) -> None:
+        self.config = config
+        self.console = console
+        self.worker = worker
+        self.database = database
+        self.executions = executions
+        self.task = task
+        self.ledger = Ledger()
+        self.outage = Outage(broker, max(1, config.jobs // 3), OUTAGE_SECONDS, console)
+        self._next_progress = 0.0
+
+    def run(self) -> bool:
+        """Stage every job, then wait for the drain; True when the outbox drained."""
+        for orders, rollback in transactions(self.config.jobs):
+            ids = stage_transaction(self.database.engine, self.task, orders, rollback)
+            self.ledger.record(ids, rollback)
+            self._tick()
+        self.console.say(f"staging done: {len(self.ledger.committed)} committed, "
+                         f"{len(self.ledger.rolled_back)} rolled back; waiting for the drain")
+        return self._wait_for_drain()
+
+    def _wait_for_drain(self) -> bool:
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while True:
+            snapshot = self._tick()
+            if not self.outage.active and snapshot.outbox == 0:
+                self.console.say(f"drained: {snapshot.executed} jobs executed, the outbox is empty")
+                return True
+            if time.monotonic() > deadline:
+                self.console.say(f"gave up after {DRAIN_TIMEOUT:.0f}s: {self._progress(snapshot)}")
+                return False
+            time.sleep(POLL_INTERVAL)
+
+    def _tick(self) -> Snapshot:
+        if self.worker.process.poll() is not None:
+            raise DemoError(f"the celery worker died (status {self.worker.process.returncode}):\n"
+                            + self.worker.log_tail())
+        self.outage.tick(self.ledger.staged)
+        snapshot = self.snapshot()
+        if time.monotonic() >= self._next_progress:
+            self.console.say(self._progress(snapshot))
+            self._next_progress = time.monotonic() + PROGRESS_INTERVAL
+        return snapshot
+
+    def _progress(self, s: Snapshot) -> str:
+        ledger = self.ledger
+        redis = "DOWN" if self.outage.active else "up"
+        return (f"staged {ledger.staged}/{self.config.jobs}  committed {len(ledger.committed)}  "
+                f"rolled back {len(ledger.rolled_back)}  executed {s.executed}  "
+                f"outbox pending {s.pending} sent {s.sent}"
+                + (f" dead {s.dead}" if s.dead else "") + f"  redis {redis}")
+
+    def snapshot(self) -> Snapshot:
+        status = self.database.status()
+        with self.database.engine.connect() as conn:
+            executed = conn.execute(select(func.count(func.distinct(self.executions.c.task_id)))).scalar()
+        return Snapshot(int(executed or 0), status.pending, status.sent, status.dead)
+
+    def runs_per_task(self) -> Counter[str]:
+        t = self.executions
+        with self.database.engine.connect() as conn:
+            rows = conn.execute(select(t.c.task_id, func.count()).group_by(t.c.task_id)).all()
+        return Counter({str(task_id): int(count) for task_id, count in rows})
+
+    def report(self, seconds: float, broker: Broker) -> dict[str, Any]:
+        runs = self.runs_per_task()
+        ledger = self.ledger
+        return {
+            "jobs": self.config.jobs,
+            "committed": len(ledger.committed),
+            "rolled_back": len(ledger.rolled_back),
+            "transactions_committed": ledger.transactions_committed,
+            "transactions_rolled_back": ledger.transactions_rolled_back,
+            "executed": len(ledger.committed & runs.keys()),
+            "executed_rolled_back": len(ledger.rolled_back & runs.keys()),
+            "executed_unknown": len(runs.keys() - ledger.committed - ledger.rolled_back),
+            "duplicates": sum(count - 1 for count in runs.values()),
+            "outbox_left": self.snapshot().outbox,
+            "seconds": round(seconds, 1),
+            "redis_outage_seconds": round(self.outage.seconds, 1),
+            "database": self.config.database_label,
+            "broker": broker.description,
+        }
+
+
+def succeeded(report: dict[str, Any]) -> bool:
+    return bool(
+        report["executed"] == report["committed"]
+        and report["executed_rolled_back"] == 0
+        and report["outbox_left"] == 0
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo end to end; print the report as the last line of stdout; 0 when it held."""
+    console = Console(time.monotonic())
+    with tempfile.TemporaryDirectory(prefix="reliable-job-demo-") as directory:
+        config = DemoConfig.from_args(args, Path(directory))
+        with ExitStack() as cleanup:
+            report = _run(config, console, cleanup)
+    ok = succeeded(report)
+    console.say("OK: every committed job ran, no rolled-back job did, the outbox is empty" if ok
+                else "FAILED: see the report")
+    print(json.dumps(report), flush=True)
+    return 0 if ok else 1
+
+
+def _run(config: DemoConfig, console: Console, cleanup: ExitStack) -> dict[str, Any]:
+    broker = _broker(config)
+    broker.start()
+    cleanup.callback(broker.stop)
+    env = config.environment(broker.url)
+    os.environ.update(env)
+    app = _demo_app()
+    database: SQLAlchemyDatabase = app.runtime.database
+    cleanup.callback(database.engine.dispose)
+    _create_tables(config, database, app.executions, cleanup)
+    console.say(f"database {config.database_label}, outbox table {database.table.name}; "
+                f"broker {broker.description} at {mask_url(broker.url)}")
+    worker = Worker(config.directory, dict(os.environ), name=f"demo-{config.run_id}")
+    cleanup.callback(worker.stop)
+    worker.wait_ready()
+    console.say(f"celery worker ready (pid {worker.pid}, concurrency 2, relay inside the worker); "
+                f"staging {config.jobs} jobs")
+    demo = Demo(config, console, broker, worker, database, app.executions, app.process_order)
+    drained = demo.run()
+    worker.stop()
+    if not drained:
+        console.say("worker log (last lines):\n" + worker.log_tail())
+    return demo.report(console.elapsed(), broker)
+
+
+def _broker(config: DemoConfig) -> Broker:
+    if config.redis_url:
+        return ExternalRedis(config.redis_url)
+    return EmbeddedRedis(config.directory / "redis")
+
+
+def _demo_app() -> ModuleType:
+    """Import the demo's Celery app, configured by the environment just set."""
+    name = "reliable_job.demo.app"
+    module = sys.modules.get(name)
+    return importlib.reload(module) if module is not None else importlib.import_module(name)
+
+
+def _create_tables(config: DemoConfig, database: SQLAlchemyDatabase, executions: Table,
+                   cleanup: ExitStack) -> None:
+    database.create_table()
+    executions.metadata.create_all(database.engine)
+    if not config.temporary_database:
+        drop: Callable[[], None] = lambda: _drop_tables(database, executions)
+        cleanup.callback(drop)
+
+
+def _drop_tables(database: SQLAlchemyDatabase, executions: Table) -> None:
+    executions.metadata.drop_all(database.engine)
+    database.table.metadata.drop_all(database.engine, tables=[database.table])

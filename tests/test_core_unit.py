@@ -1,0 +1,198 @@
+"""Unit tests of the core (relay, completion, staging resolution, settings) on in-memory fakes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+import reliable_job
+from reliable_job import ConfigurationError, Settings
+from reliable_job.backoff import backoff_delay
+from reliable_job.completion import Completion
+from reliable_job.ports import StagedJob
+from reliable_job.relay import Relay
+from reliable_job.schema import DEAD, PENDING, SENT, validate_table_name
+from reliable_job.staging import Stager
+from reliable_job.testing import InMemoryBroker, InMemoryStore
+
+
+def jobs(n: int, prefix: str = "job") -> list[StagedJob]:
+    return [StagedJob(f"{prefix}-{i}", "t", "celery", f"message-{prefix}-{i}") for i in range(n)]
+
+
+@pytest.fixture
+def store() -> InMemoryStore:
+    return InMemoryStore()
+
+
+@pytest.fixture
+def broker() -> InMemoryBroker:
+    return InMemoryBroker()
+
+
+def test_relay_publishes_in_batches_and_marks_sent(store, broker):
+    """Each pass claims at most one batch, publishes it and marks it sent."""
+    store.write(jobs(5))
+    relay = Relay(store, broker, batch_size=2)
+    assert [relay.run_once() for _ in range(4)] == [2, 2, 1, 0]
+    assert broker.published == [f"message-job-{i}" for i in range(5)]
+    assert {r.state for r in store.rows.values()} == {SENT}
+
+
+def test_broker_down_keeps_rows_pending(store, broker):
+    """A broker outage publishes nothing and leaves every row pending."""
+    store.write(jobs(3))
+    broker.down = True
+    relay = Relay(store, broker)
+    with pytest.raises(reliable_job.BrokerUnavailable):
+        relay.run_once()
+    assert {r.state for r in store.rows.values()} == {PENDING}
+    broker.down = False
+    assert relay.run_once() == 3
+
+
+def test_outage_is_logged_once_then_resumed(store, broker, caplog):
+    """The relay logs an outage once, not every loop, and logs when it resumes."""
+    store.write(jobs(1))
+    broker.down = True
+    waits: list[float] = []
+    relay: Relay
+
+    def wait(event: threading.Event, seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 5:
+            broker.down = False
+        if len(waits) >= 7:
+            relay.stop()
+
+    relay = Relay(store, broker, backoff_cap=2.0, wait=wait)
+    with caplog.at_level(logging.INFO, logger="reliable_job.relay"):
+        relay.run()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("relay paused" in m for m in messages) == 1
+    assert sum("relay resumed" in m for m in messages) == 1
+    assert broker.published == ["message-job-0"]
+    assert max(waits[:5]) <= 2.0, "backoff is capped"
+    assert broker.closed == 1
+
+
+def test_a_row_that_cannot_be_published_goes_dead_and_the_rest_flow(store, broker):
+    """A poison row is retried with backoff, then dead, while rows behind it are published."""
+    store.write(jobs(3))
+    broker.reject = {"message-job-1"}
+    relay = Relay(store, broker, max_publish_attempts=2, backoff_cap=0.01)
+    relay.run_once()
+    assert broker.published == ["message-job-0", "message-job-2"]
+    poison = store.rows[2]
+    assert (poison.state, poison.attempts) == (PENDING, 1)
+    assert "rejected" in (poison.last_error or "")
+    poison.available_at = 0  # its backoff is over
+    relay.run_once()
+    assert (poison.state, poison.attempts) == (DEAD, 2)
+    assert store.retry_dead() == 1
+    assert store.rows[2].state == PENDING
+
+
+def test_stop_finishes_the_batch_in_flight(store, broker):
+    """stop() during a pass lets that pass publish and mark its batch before the loop exits."""
+    store.write(jobs(4))
+    relay = Relay(store, broker, batch_size=2)
+    original = broker.publish
+
+    def publish_then_stop(rows):
+        relay.stop()
+        return original(rows)
+
+    broker.publish = publish_then_stop  # type: ignore[method-assign]
+    relay.run()
+    assert [r.state for r in store.rows.values()] == [SENT, SENT, PENDING, PENDING]
+
+
+def test_concurrent_claims_never_share_a_row(store, broker):
+    """Two claims at once get disjoint rows (the SKIP LOCKED contract)."""
+    store.write(jobs(4))
+    with store.claim(3) as first, store.claim(3) as second:
+        assert {r.id for r in first.rows}.isdisjoint(r.id for r in second.rows)
+        assert len(first.rows) + len(second.rows) == 4
+
+
+def test_completion_deletes_or_buries(store):
+    """Success deletes the row; final failure deletes it, or keeps it dead when asked to."""
+    store.write(jobs(3))
+    Completion(store).succeeded("job-0")
+    Completion(store).failed("job-1", "boom")
+    Completion(store, preserve_dead_jobs=True).failed("job-2", "ValueError: boom")
+    assert [(r.job.job_id, r.state, r.last_error) for r in store.rows.values()] == [
+        ("job-2", DEAD, "ValueError: boom")
+    ]
+
+
+def test_completion_never_raises(caplog):
+    """A failed delete is logged and never fails the task."""
+
+    class Broken(InMemoryStore):
+        def complete(self, job_id: str) -> int:
+            raise RuntimeError("database gone")
+
+    Completion(Broken()).succeeded("x")
+    assert "could not delete" in caplog.text
+
+
+def test_stager_prefers_explicit_then_implicit_then_own_transaction():
+    """Explicit binding wins; an implicit session counts only inside a transaction."""
+    written: list[str] = []
+
+    class Writer:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def write(self, staged):
+            written.append(self.name)
+
+    def adapt(target, explicit):
+        if not explicit and target == "idle session":
+            return None
+        return Writer(f"{target}/{'explicit' if explicit else 'implicit'}")
+
+    current = {"session": "idle session"}
+    stager = Stager(adapt=adapt, own_transaction=lambda: Writer("own"),
+                    session_provider=lambda: current["session"])
+    stager.stage(jobs(1))
+    current["session"] = "busy session"
+    stager.stage(jobs(1))
+    with reliable_job.bind("bound"):
+        stager.stage(jobs(1))
+    stager.stage(jobs(1), target="passed")
+    assert written == ["own", "busy session/implicit", "bound/explicit", "passed/explicit"]
+
+
+def test_settings_from_environment_and_code():
+    """RELIABLE_JOB_* variables configure; code wins; bad values are clear errors."""
+    env = {"RELIABLE_JOB_ENABLE_FOR_ALL_JOBS": "true", "RELIABLE_JOB_BATCH_SIZE": "50",
+           "RELIABLE_JOB_POLL_INTERVAL": "0.5", "RELIABLE_JOB_TABLE_NAME": "jobs_outbox"}
+    settings = Settings.from_env(env, batch_size=10)
+    assert (settings.enable_for_all_jobs, settings.batch_size, settings.poll_interval,
+            settings.table_name) == (True, 10, 0.5, "jobs_outbox")
+    with pytest.raises(ConfigurationError, match="RELIABLE_JOB_BATCH_SIZE"):
+        Settings.from_env({"RELIABLE_JOB_BATCH_SIZE": "many"})
+    with pytest.raises(ConfigurationError, match="unknown"):
+        Settings.from_env({}, batch=3)
+    with pytest.raises(ConfigurationError, match="invalid table name"):
+        Settings(table_name="outbox; DROP TABLE users")
+
+
+@pytest.mark.parametrize("name", ["", "1abc", "a-b", "a b", 'x"', "a" * 52])
+def test_table_names_are_plain_identifiers(name):
+    """Table names are validated as identifiers: no SQL is built from unchecked strings."""
+    with pytest.raises(ConfigurationError):
+        validate_table_name(name)
+
+
+def test_backoff_grows_and_is_capped():
+    """Backoff doubles per attempt, never exceeds the cap, and is jittered."""
+    assert all(backoff_delay(1, base=1, cap=10) <= 1 for _ in range(50))
+    assert all(2 <= backoff_delay(3, base=1, cap=10) <= 4 for _ in range(50))
+    assert all(backoff_delay(30, base=1, cap=10) <= 10 for _ in range(50))
+    assert len({backoff_delay(5, base=1, cap=100) for _ in range(20)}) > 1

@@ -1,0 +1,186 @@
+"""Staging joins the caller's transaction: in-process, against real SQLite/PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+import reliable_job
+from reliable_job import NotSerializableError
+from reliable_job.integrations.celery import install
+from tests.conftest import count_rows
+
+
+def rows(engine, outbox):
+    with engine.connect() as conn:
+        return conn.execute(select(outbox.c.job_id, outbox.c.task_name, outbox.c.state)).all()
+
+
+def queue_length(redis_url: str) -> int:
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        return sum(client.llen(key) for key in client.keys("celery*") if client.type(key) == b"list")
+    finally:
+        client.close()
+
+
+def test_commit_stages_one_pending_row_with_the_returned_id(celery_app, engine, outbox, redis_url):
+    """A reliable task enqueued in a committed transaction is one pending row, not a Redis message."""
+    from tests.apps.celery_app import record
+
+    with Session(engine) as session:
+        result = record.apply_async(("a",), reliable_job_session=session)
+        session.commit()
+    assert rows(engine, outbox) == [(result.id, "tests.apps.celery_app.record", "pending")]
+    assert queue_length(redis_url) == 0
+
+
+def test_rollback_stages_nothing(celery_app, engine, outbox):
+    """A job enqueued in a transaction that rolls back never exists."""
+    from tests.apps.celery_app import record
+
+    with Session(engine) as session:
+        record.apply_async(("a",), reliable_job_session=session)
+        assert count_rows(engine, outbox) == 0, "not visible before commit"
+        session.rollback()
+    assert count_rows(engine, outbox) == 0
+
+
+def test_savepoint_rolled_back_drops_only_its_jobs(celery_app, engine, outbox):
+    """A job staged in a savepoint that rolls back is gone; the outer transaction's job stays."""
+    from tests.apps.celery_app import record
+
+    with Session(engine) as session:
+        kept = record.apply_async(("outer",), reliable_job_session=session)
+        with pytest.raises(RuntimeError), session.begin_nested():
+            record.apply_async(("inner",), reliable_job_session=session)
+            raise RuntimeError("roll back the savepoint")
+        released = None
+        with session.begin_nested():
+            released = record.apply_async(("released",), reliable_job_session=session)
+        session.commit()
+    assert sorted(r.job_id for r in rows(engine, outbox)) == sorted([kept.id, released.id])
+
+
+def test_outside_a_transaction_commits_at_once(celery_app, engine, outbox):
+    """With no session bound or provided, the job is staged in its own transaction, committed at once."""
+    from tests.apps.celery_app import record
+
+    result = record.delay("alone")
+    assert [r.job_id for r in rows(engine, outbox)] == [result.id]
+
+
+def test_bind_block_and_connection(celery_app, engine, outbox):
+    """`reliable_job.bind()` stages every job of a block in the bound session or connection."""
+    from tests.apps.celery_app import record
+
+    with Session(engine) as session, reliable_job.bind(session):
+        record.delay("one")
+        record.delay("two")
+        session.rollback()
+    assert count_rows(engine, outbox) == 0
+    with engine.connect() as conn, reliable_job.bind(conn):
+        result = record.delay("conn")
+        conn.commit()
+    assert [r.job_id for r in rows(engine, outbox)] == [result.id]
+
+
+def test_implicit_session_provider_joins_the_current_transaction(
+    celery_app, engine, outbox, database_url, table_name
+):
+    """The configured session provider is used with nothing passed at the call site."""
+    from tests.apps.celery_app import record
+
+    ScopedSession = scoped_session(sessionmaker(engine))
+    install(celery_app, engine=engine, table_name=table_name, session=ScopedSession)
+
+    ScopedSession.execute(text("SELECT 1"))  # a transaction is open
+    record.delay("rolled back")
+    ScopedSession.rollback()
+    assert count_rows(engine, outbox) == 0
+
+    ScopedSession.execute(text("SELECT 1"))
+    joined = record.delay("joined")
+    assert count_rows(engine, outbox) == 0, "waits for the caller's commit"
+    ScopedSession.commit()
+    assert [r.job_id for r in rows(engine, outbox)] == [joined.id]
+
+    # No transaction open in the provided session: staged at once in its own transaction.
+    ScopedSession.remove()
+    alone = record.delay("alone")
+    assert {r.job_id for r in rows(engine, outbox)} == {joined.id, alone.id}
+    ScopedSession.remove()
+
+
+@pytest.mark.parametrize("enable_for_all", [False, True])
+def test_which_tasks_are_staged(celery_app, engine, outbox, redis_url, table_name, database_url,
+                                enable_for_all):
+    """Opt-in tasks are always staged, opt-out never, others follow enable_for_all_jobs."""
+    from tests.apps.celery_app import opt_out_record, plain_record, record
+
+    install(celery_app, database_url=database_url, table_name=table_name,
+            enable_for_all_jobs=enable_for_all)
+    with Session(engine) as session, reliable_job.bind(session):
+        opt_in = record.delay("in")
+        plain = plain_record.delay("plain")
+        opt_out = opt_out_record.delay("out")
+        session.commit()
+    staged = {r.job_id for r in rows(engine, outbox)}
+    assert opt_in.id in staged
+    assert opt_out.id not in staged
+    assert (plain.id in staged) is enable_for_all
+    assert queue_length(redis_url) == (1 if enable_for_all else 2)
+
+
+def test_unserializable_arguments_raise_at_the_call(celery_app, engine, outbox):
+    """Arguments the serializer cannot encode raise at the call; nothing staged; the transaction lives."""
+    from tests.apps.celery_app import record
+
+    with Session(engine) as session:
+        with pytest.raises(NotSerializableError, match="cannot be serialized"):
+            record.apply_async((object(),), reliable_job_session=session)
+        assert isinstance(NotSerializableError("x"), TypeError)
+        ok = record.apply_async(("fine",), reliable_job_session=session)
+        session.commit()
+    assert [r.job_id for r in rows(engine, outbox)] == [ok.id]
+
+
+def test_same_task_id_twice_is_staged_once(celery_app, engine, outbox):
+    """The task id is the row's key: staging it again does not fail the caller's transaction."""
+    from tests.apps.celery_app import record
+
+    with Session(engine) as session:
+        record.apply_async(("a",), task_id="same-id", reliable_job_session=session)
+        record.apply_async(("a",), task_id="same-id", reliable_job_session=session)
+        session.commit()
+    assert [r.job_id for r in rows(engine, outbox)] == ["same-id"]
+
+
+def test_relay_puts_in_redis_what_a_direct_apply_async_would(celery_app, engine, outbox, redis_url,
+                                                              monkeypatch):
+    """Routing, priority, headers and body of a relayed message equal a direct publish's."""
+    from tests.apps.celery_app import record
+
+    client = redis_lib.Redis.from_url(redis_url)
+    options = dict(task_id="same", queue="reports", priority=5, headers={"tenant": "t1"},
+                   expires=600, link=record.si("after"))
+    with Session(engine) as session:
+        record.apply_async(("x",), reliable_job_session=session, **options)
+        session.commit()
+    assert celery_app.reliable_job.relay().run_once() == 1
+    keys = [k for k in client.keys("reports*") if client.type(k) == b"list"]
+    assert len(keys) == 1
+    relayed = json.loads(client.lpop(keys[0]))
+
+    monkeypatch.setattr(type(record._get_current_object()), "reliable_job", False)
+    record.apply_async(("x",), **options)
+    direct = json.loads(client.lpop(keys[0]))
+    for message in (relayed, direct):
+        message["properties"].pop("delivery_tag")
+        message["headers"].pop("expires")
+    assert relayed == direct
+    client.close()
