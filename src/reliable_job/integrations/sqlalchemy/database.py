@@ -230,7 +230,8 @@ class SQLAlchemyDatabase:
     def status(self) -> OutboxStatus:
         t = self.table
         with self._unavailable_as_error(), self.engine.connect() as conn:
-            counts: dict[str, int] = dict(conn.execute(select(t.c.state, func.count()).group_by(t.c.state)).all())
+            by_state = select(t.c.state, func.count()).group_by(t.c.state)
+            counts: dict[str, int] = {state: n for state, n in conn.execute(by_state).all()}
             oldest = conn.execute(
                 select(func.min(t.c.created_at)).where(t.c.state == schema.PENDING)
             ).scalar()
