@@ -184,3 +184,22 @@ def test_relay_puts_in_redis_what_a_direct_apply_async_would(celery_app, engine,
         message["headers"].pop("expires")
     assert relayed == direct
     client.close()
+
+
+def test_staging_needs_neither_broker_nor_result_backend(engine, outbox, database_url, table_name):
+    """With Redis unreachable (broker and result backend), staging still commits the job."""
+    from celery import Celery
+
+    dead = "redis://127.0.0.1:1/0"
+    app = Celery("offline", broker=dead, backend=dead, set_as_current=False)
+    app.conf.redis_socket_connect_timeout = 1
+    install(app, database_url=database_url, table_name=table_name)
+
+    @app.task(reliable_job=True)
+    def offline(x):
+        return x
+
+    with Session(engine) as session:
+        result = offline.apply_async((1,), countdown=5, reliable_job_session=session)
+        session.commit()
+    assert [r.job_id for r in rows(engine, outbox)] == [result.id]

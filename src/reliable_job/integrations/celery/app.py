@@ -75,6 +75,7 @@ class ReliableCelery:
         options.pop("publisher", None)
         producer = CapturingProducer(self._capture_conn(), auto_declare=False)
         options["producer"] = producer
+        _skip_result_subscription(self.app.backend)
         try:
             result = self._send_task(name, args, kwargs, **options)
         except EncodeError as exc:
@@ -108,6 +109,26 @@ class ReliableCelery:
             backoff_cap=s.backoff_cap,
             max_publish_attempts=s.max_publish_attempts,
         )
+
+
+def _skip_result_subscription(backend: Any) -> None:
+    """Staging must need neither the broker nor the result backend.
+
+    Celery's Redis result backend subscribes to a task's result at enqueue time (``on_task_call``)
+    and retries for about 20 s when Redis is down. For a staged job it does nothing: the job is not
+    on the broker yet, and ``AsyncResult.get()`` subscribes, and reads the stored result, itself.
+    """
+    if getattr(backend, "_reliable_job_skips_staged", False):
+        return
+    original = backend.on_task_call
+
+    def on_task_call(producer: Any, task_id: str) -> Any:
+        if isinstance(producer, CapturingProducer):
+            return None
+        return original(producer, task_id)
+
+    backend.on_task_call = on_task_call
+    backend._reliable_job_skips_staged = True
 
 
 def install(app: Any, *, database: Any = None, **settings: Any) -> ReliableCelery:
