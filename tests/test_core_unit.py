@@ -196,3 +196,37 @@ def test_backoff_grows_and_is_capped():
     assert all(2 <= backoff_delay(3, base=1, cap=10) <= 4 for _ in range(50))
     assert all(backoff_delay(30, base=1, cap=10) <= 10 for _ in range(50))
     assert len({backoff_delay(5, base=1, cap=100) for _ in range(20)}) > 1
+
+
+def test_unfinished_jobs_are_published_again_then_buried(store, broker):
+    """A sent job that never completes is requeued after redeliver_after, and dead after N deliveries."""
+    clock = [0.0]
+    store.write(jobs(1))
+    relay = Relay(store, broker, redeliver_after=10, max_publish_attempts=2, clock=lambda: clock[0])
+    relay.run_once()
+    row = store.rows[1]
+    relay.redeliver_due()
+    assert row.state == SENT, "not yet stale"
+    row.sent_at -= 11
+    clock[0] += 2
+    relay.redeliver_due()
+    assert row.state == PENDING
+    relay.run_once()
+    assert broker.published == ["message-job-0"] * 2 and row.attempts == 2
+    row.sent_at -= 11
+    clock[0] += 2
+    relay.redeliver_due()
+    assert row.state == DEAD
+
+
+def test_redelivery_waits_for_the_eta(store, broker):
+    """A countdown/eta job is not redelivered before its eta plus redeliver_after."""
+    from datetime import datetime, timedelta, timezone
+
+    eta = datetime.now(timezone.utc) + timedelta(hours=1)
+    store.write([StagedJob("later", "t", "celery", "m", eta)])
+    relay = Relay(store, broker, redeliver_after=10, clock=lambda: 1e9)
+    relay.run_once()
+    store.rows[1].sent_at -= 100
+    relay.redeliver_due()
+    assert store.rows[1].state == SENT

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 
@@ -21,6 +22,8 @@ class StagedJob:
     queue: str
     message: str
     """The finished broker message, JSON text. The relay publishes it without re-encoding."""
+    eta: datetime | None = None
+    """When the job is due, for countdown/eta jobs (redelivery waits for it)."""
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,20 @@ class OutboxStore(Protocol):
     def retry_dead(self) -> int:
         """Put every dead row back to pending; return how many."""
 
+    def requeue_unfinished(self, older_than: float, max_deliveries: int) -> tuple[int, int]:
+        """Sent rows neither completed nor due within ``older_than`` seconds go back to pending
+        (they are published again); those already published ``max_deliveries`` times go dead.
+        Returns ``(requeued, dead)``."""
+
 
 class Broker(Protocol):
     """Publishes finished messages."""
+
+    def connect(self) -> None:
+        """Make sure the broker is reachable before rows are claimed.
+
+        Raises :class:`~reliable_job.errors.BrokerUnavailable` when it is not.
+        """
 
     def publish(self, rows: Sequence[ClaimedRow]) -> Mapping[int, Exception]:
         """Publish every row; return the rows that could not be published, by id.

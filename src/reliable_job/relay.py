@@ -34,7 +34,9 @@ class Relay:
         poll_interval: float = 0.2,
         backoff_cap: float = 30.0,
         max_publish_attempts: int = 5,
+        redeliver_after: float = 3600.0,
         wait: Callable[[threading.Event, float], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -42,7 +44,10 @@ class Relay:
         self.poll_interval = poll_interval
         self.backoff_cap = backoff_cap
         self.max_publish_attempts = max_publish_attempts
+        self.redeliver_after = redeliver_after
         self.stopping = threading.Event()
+        self._clock = clock
+        self._next_redelivery = clock()
         self._wait = wait or (lambda event, seconds: event.wait(seconds))
         self._outage_since: float | None = None
         self._outage_attempts = 0
@@ -50,6 +55,7 @@ class Relay:
 
     def run_once(self) -> int:
         """Claim, publish and mark one batch; return how many rows it held."""
+        self.broker.connect()  # never hold claimed rows while waiting for a broker connection
         with self.store.claim(self.batch_size) as claim:
             rows = claim.rows
             if not rows:
@@ -86,6 +92,7 @@ class Relay:
         try:
             while not self.stopping.is_set():
                 try:
+                    self.redeliver_due()
                     handled = self.run_once()
                 except (BrokerUnavailable, DatabaseUnavailable) as exc:
                     self._wait(self.stopping, self._on_outage(exc))
@@ -100,6 +107,26 @@ class Relay:
         finally:
             self.broker.close()
             logger.info("relay stopped (%d published)", self.published)
+
+    def redeliver_due(self) -> None:
+        """Every ``redeliver_after / 10`` seconds (1 s to 60 s), put published jobs that never
+        completed back to pending: the broker or a worker lost them."""
+        if not self.redeliver_after or self._clock() < self._next_redelivery:
+            return
+        self._next_redelivery = self._clock() + min(60.0, max(1.0, self.redeliver_after / 10))
+        requeued, dead = self.store.requeue_unfinished(
+            self.redeliver_after, self.max_publish_attempts
+        )
+        if requeued:
+            logger.warning(
+                "%d job(s) published more than %.0fs ago never completed: publishing them again",
+                requeued, self.redeliver_after,
+            )
+        if dead:
+            logger.error(
+                "%d job(s) never completed after %d deliveries: set dead",
+                dead, self.max_publish_attempts,
+            )
 
     def stop(self) -> None:
         self.stopping.set()

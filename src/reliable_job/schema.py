@@ -58,13 +58,14 @@ COLUMNS: tuple[Column, ...] = (
     Column("last_error", "text", nullable=True, doc="Last publish or task error."),
     Column("available_at", "timestamp", nullable=True, doc="Earliest next publish attempt."),
     Column("created_at", "timestamp", doc="When the job was staged."),
-    Column("sent_at", "timestamp", nullable=True, doc="When the relay published it."),
+    Column("eta", "timestamp", nullable=True, doc="When the job is due (countdown/eta), if set."),
+    Column("sent_at", "timestamp", nullable=True, doc="When the relay last published it."),
     Column("updated_at", "timestamp", doc="Last state change."),
 )
 
 INDEXES: tuple[Index, ...] = (
     Index("pending", ("id",), where_pending=True),
-    Index("state", ("state", "created_at")),
+    Index("state", ("state", "sent_at")),
 )
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,50}$")

@@ -44,7 +44,11 @@ class Settings:
     backoff_cap: float = 30.0
     """Longest wait, in seconds, between retries while the broker or database is down."""
     max_publish_attempts: int = 5
-    """Publish attempts before a row that cannot be published is set ``dead``."""
+    """Publish attempts before a row that cannot be published is set ``dead``; also the most
+    deliveries of a job that never completes (see ``redeliver_after``)."""
+    redeliver_after: float = 3600.0
+    """Seconds after which a published job that has not completed (and was not due) is published
+    again: it was lost by the broker or by a worker. 0 turns redelivery off."""
 
     def __post_init__(self) -> None:
         validate_table_name(self.table_name)
@@ -52,6 +56,8 @@ class Settings:
             raise ConfigurationError("batch_size must be at least 1")
         if self.poll_interval <= 0 or self.backoff_cap <= 0:
             raise ConfigurationError("poll_interval and backoff_cap must be positive")
+        if self.redeliver_after < 0:
+            raise ConfigurationError("redeliver_after must be 0 (off) or positive")
         if self.max_publish_attempts < 1:
             raise ConfigurationError("max_publish_attempts must be at least 1")
 

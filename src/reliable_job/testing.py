@@ -26,6 +26,7 @@ class FakeRow:
     last_error: str | None = None
     available_at: float = 0.0
     created_at: float = field(default_factory=time.time)
+    sent_at: float = 0.0
 
 
 class _FakeClaim:
@@ -37,7 +38,9 @@ class _FakeClaim:
     def mark_sent(self, ids: Sequence[int]) -> None:
         for row_id in ids:
             attempts = self._store.rows[row_id].attempts + 1
-            self._changes.append((row_id, {"state": SENT, "attempts": attempts}))
+            self._changes.append(
+                (row_id, {"state": SENT, "attempts": attempts, "sent_at": time.time()})
+            )
 
     def mark_failed(self, row: ClaimedRow, error: str, *, retry_in: float | None) -> None:
         change: dict[str, object] = {"attempts": row.attempts + 1, "last_error": error}
@@ -114,6 +117,20 @@ class InMemoryStore:
             oldest_pending_seconds=None if oldest is None else time.time() - oldest,
         )
 
+    def requeue_unfinished(self, older_than: float, max_deliveries: int) -> tuple[int, int]:
+        cutoff = time.time() - older_than
+        requeued = dead = 0
+        with self._lock:
+            for r in self.rows.values():
+                due = r.job.eta.timestamp() if r.job.eta else 0.0
+                if r.state != SENT or r.sent_at > cutoff or due > cutoff:
+                    continue
+                if r.attempts >= max_deliveries:
+                    r.state, dead = DEAD, dead + 1
+                else:
+                    r.state, r.available_at, requeued = PENDING, 0.0, requeued + 1
+        return requeued, dead
+
     def retry_dead(self) -> int:
         with self._lock:
             dead = [r for r in self.rows.values() if r.state == DEAD]
@@ -131,6 +148,10 @@ class InMemoryBroker:
         self.down = False
         self.reject: set[str] = set()
         self.closed = 0
+
+    def connect(self) -> None:
+        if self.down:
+            raise BrokerUnavailable("broker is down (fake)")
 
     def publish(self, rows: Sequence[ClaimedRow]) -> Mapping[int, Exception]:
         if self.down:

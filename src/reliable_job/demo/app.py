@@ -38,7 +38,15 @@ READY_FILE_ENV = "RJ_DEMO_READY_FILE"
 app = Celery("reliable_job_demo", broker=os.environ.get(BROKER_ENV, "redis://127.0.0.1:6379/0"))
 app.conf.update(
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"socket_timeout": 5, "socket_connect_timeout": 2},
+    broker_transport_options={
+        "socket_timeout": 5,
+        "socket_connect_timeout": 2,
+        # A message the worker had reserved when the broker went down stays unacknowledged in
+        # Redis; it is redelivered after the visibility timeout (an hour by default): seconds here.
+        "visibility_timeout": 10,
+        "unacked_restore_interval": 2,
+        "unacked_restore_throttle": 1,
+    },
     worker_hijack_root_logger=False,
     task_default_queue=os.environ.get(QUEUE_ENV, "reliable_job_demo"),
     task_ignore_result=True,

@@ -10,10 +10,10 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,9 @@ DRAIN_TIMEOUT = 180.0
 OUTAGE_SECONDS = 4.0
 PROGRESS_INTERVAL = 1.0
 POLL_INTERVAL = 0.1
+MAX_WORKER_RESTARTS = 3
+REDELIVER_AFTER = 8
+STALL_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class DemoConfig:
             "RELIABLE_JOB_RELAY_IN_WORKER": "1",
             "RELIABLE_JOB_POLL_INTERVAL": "0.05",
             "RELIABLE_JOB_BACKOFF_CAP": "1",
+            # Messages Redis loses when it stops (popped by the worker, not yet recorded as
+            # unacknowledged) leave their rows `sent`: the relay publishes them again after this.
+            "RELIABLE_JOB_REDELIVER_AFTER": str(REDELIVER_AFTER),
         }
 
 
@@ -109,7 +115,8 @@ class Console:
 
 
 class Outage:
-    """Stops the broker once ``at_staged`` jobs are staged and starts it again ``seconds`` later."""
+    """Stops the broker once ``at_staged`` jobs are staged; a timer starts it again ``seconds``
+    later, whatever the staging loop is doing."""
 
     def __init__(self, broker: Broker, at_staged: int, seconds: float, console: Console) -> None:
         self.broker = broker
@@ -118,6 +125,8 @@ class Outage:
         self.console = console
         self.started_at: float | None = None
         self.ended_at: float | None = None
+        self._timer: threading.Timer | None = None
+        self._error: Exception | None = None
 
     @property
     def active(self) -> bool:
@@ -130,16 +139,29 @@ class Outage:
         return (self.ended_at or time.monotonic()) - self.started_at
 
     def tick(self, staged: int) -> None:
-        if self.planned <= 0:
+        if self._error is not None:
+            raise self._error
+        if self.planned <= 0 or self.started_at is not None or staged < self.at_staged:
             return
-        if self.started_at is None and staged >= self.at_staged:
-            self.broker.stop()
-            self.started_at = time.monotonic()
-            self.console.say(f"redis DOWN: broker stopped after {staged} staged jobs; staging goes on")
-        elif self.active and self.seconds >= self.planned:
+        self.broker.stop()
+        self.started_at = time.monotonic()
+        self.console.say(f"redis DOWN: broker stopped after {staged} staged jobs; staging goes on")
+        self._timer = threading.Timer(self.planned, self._end)
+        self._timer.start()
+
+    def _end(self) -> None:
+        try:
             self.broker.start()
-            self.ended_at = time.monotonic()
-            self.console.say(f"redis UP: broker restarted on the same port after {self.seconds:.1f}s")
+        except Exception as exc:
+            self._error = exc
+            return
+        self.ended_at = time.monotonic()
+        self.console.say(f"redis UP: broker restarted on the same port after {self.seconds:.1f}s")
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
 
 
 class Demo:
@@ -154,39 +176,74 @@ class Demo:
         self.ledger = Ledger()
         self.outage = Outage(broker, max(1, config.jobs // 3), OUTAGE_SECONDS, console)
         self._next_progress = 0.0
+        self.restarts = 0
 
     def run(self) -> bool:
         """Stage every job, then wait for the drain; True when the outbox drained."""
-        for orders, rollback in transactions(self.config.jobs):
-            ids = stage_transaction(self.database.engine, self.task, orders, rollback)
-            self.ledger.record(ids, rollback)
-            self._tick()
-        self.console.say(f"staging done: {len(self.ledger.committed)} committed, "
-                         f"{len(self.ledger.rolled_back)} rolled back; waiting for the drain")
-        return self._wait_for_drain()
+        try:
+            for orders, rollback in transactions(self.config.jobs):
+                ids = stage_transaction(self.database.engine, self.task, orders, rollback)
+                self.ledger.record(ids, rollback)
+                self._tick()
+            self.console.say(f"staging done: {len(self.ledger.committed)} committed, "
+                             f"{len(self.ledger.rolled_back)} rolled back; waiting for the drain")
+            return self._wait_for_drain()
+        finally:
+            self.outage.cancel()
 
     def _wait_for_drain(self) -> bool:
         deadline = time.monotonic() + DRAIN_TIMEOUT
+        last, changed_at = None, time.monotonic()
         while True:
             snapshot = self._tick()
+            if snapshot != last:
+                last, changed_at = snapshot, time.monotonic()
             if not self.outage.active and snapshot.outbox == 0:
                 self.console.say(f"drained: {snapshot.executed} jobs executed, the outbox is empty")
                 return True
+            if self._stalled(snapshot, time.monotonic() - changed_at):
+                self.console.say(
+                    f"no progress for {STALL_SECONDS:.0f}s and only `sent` rows left, although the "
+                    f"relay publishes them again {REDELIVER_AFTER}s after they were sent")
+                return False
             if time.monotonic() > deadline:
                 self.console.say(f"gave up after {DRAIN_TIMEOUT:.0f}s: {self._progress(snapshot)}")
                 return False
             time.sleep(POLL_INTERVAL)
 
+    def _stalled(self, snapshot: Snapshot, still_for: float) -> bool:
+        """Only `sent` rows left, and nothing moved for longer than a redelivery (the visibility
+        timeout) and a worker reconnect take."""
+        only_sent = snapshot.sent > 0 and snapshot.pending == 0
+        return not self.outage.active and only_sent and still_for > STALL_SECONDS
+
     def _tick(self) -> Snapshot:
-        if self.worker.process.poll() is not None:
-            raise DemoError(f"the celery worker died (status {self.worker.process.returncode}):\n"
-                            + self.worker.log_tail())
+        if self.worker.exit_status is not None:
+            self._restart_worker()
         self.outage.tick(self.ledger.staged)
         snapshot = self.snapshot()
         if time.monotonic() >= self._next_progress:
             self.console.say(self._progress(snapshot))
             self._next_progress = time.monotonic() + PROGRESS_INTERVAL
         return snapshot
+
+    def _restart_worker(self) -> None:
+        """Start the worker again when it exits, as a process supervisor would.
+
+        Celery 5.7 / kombu 5.7 workers sometimes exit ("Unrecoverable error: AttributeError:
+        'NoneType' object has no attribute 'hostname'") when the Redis connection drops while they
+        hold unacknowledged messages. Those are redelivered after the visibility timeout; a message
+        popped from the queue but not yet recorded as unacknowledged is lost with the process.
+        """
+        status = self.worker.exit_status
+        if self.worker.runs > MAX_WORKER_RESTARTS:
+            raise DemoError(f"the celery worker exited (status {status}) {self.worker.runs} times:\n"
+                            + self.worker.log_tail())
+        reason = self.worker.last_error()
+        self.worker.restart()
+        self.restarts += 1
+        self.console.say(f"celery worker exited with status {status} ({reason[:160]}); "
+                         f"started it again (pid {self.worker.pid})")
 
     def _progress(self, s: Snapshot) -> str:
         ledger = self.ledger
@@ -202,14 +259,24 @@ class Demo:
             executed = conn.execute(select(func.count(func.distinct(self.executions.c.task_id)))).scalar()
         return Snapshot(int(executed or 0), status.pending, status.sent, status.dead)
 
+    def describe_leftovers(self, limit: int = 5) -> str:
+        """The first rows still in the outbox: job id, state, publish attempts, last error."""
+        t = self.database.table
+        stmt = select(t.c.job_id, t.c.state, t.c.attempts, t.c.last_error).order_by(t.c.id).limit(limit)
+        with self.database.engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        return "\n".join(f"  {r.job_id} {r.state}, {r.attempts} publish attempt(s), "
+                         f"last error: {r.last_error or '-'}" for r in rows)
+
     def runs_per_task(self) -> Counter[str]:
         t = self.executions
         with self.database.engine.connect() as conn:
             rows = conn.execute(select(t.c.task_id, func.count()).group_by(t.c.task_id)).all()
         return Counter({str(task_id): int(count) for task_id, count in rows})
 
-    def report(self, seconds: float, broker: Broker) -> dict[str, Any]:
+    def report(self, broker: Broker) -> dict[str, Any]:
         runs = self.runs_per_task()
+        snapshot = self.snapshot()
         ledger = self.ledger
         return {
             "jobs": self.config.jobs,
@@ -221,11 +288,13 @@ class Demo:
             "executed_rolled_back": len(ledger.rolled_back & runs.keys()),
             "executed_unknown": len(runs.keys() - ledger.committed - ledger.rolled_back),
             "duplicates": sum(count - 1 for count in runs.values()),
-            "outbox_left": self.snapshot().outbox,
-            "seconds": round(seconds, 1),
-            "redis_outage_seconds": round(self.outage.seconds, 1),
+            "outbox_left": snapshot.outbox,
+            "outbox_left_by_state": {"pending": snapshot.pending, "sent": snapshot.sent,
+                                     "dead": snapshot.dead},
+            "redis_outage_seconds": round(self.outage.seconds, 1) if self.outage.started_at else 0,
             "database": self.config.database_label,
             "broker": broker.description,
+            "worker_restarts": self.restarts,
         }
 
 
@@ -244,6 +313,7 @@ def run_demo(args: argparse.Namespace) -> int:
         config = DemoConfig.from_args(args, Path(directory))
         with ExitStack() as cleanup:
             report = _run(config, console, cleanup)
+    report["seconds"] = round(console.elapsed(), 1)
     ok = succeeded(report)
     console.say("OK: every committed job ran, no rolled-back job did, the outbox is empty" if ok
                 else "FAILED: see the report")
@@ -268,12 +338,15 @@ def _run(config: DemoConfig, console: Console, cleanup: ExitStack) -> dict[str, 
     worker.wait_ready()
     console.say(f"celery worker ready (pid {worker.pid}, concurrency 2, relay inside the worker); "
                 f"staging {config.jobs} jobs")
+    if not broker.restartable:
+        console.say("external Redis: no outage phase (the demo only stops a server it started)")
     demo = Demo(config, console, broker, worker, database, app.executions, app.process_order)
     drained = demo.run()
     worker.stop()
     if not drained:
-        console.say("worker log (last lines):\n" + worker.log_tail())
-    return demo.report(console.elapsed(), broker)
+        console.say("rows left in the outbox:\n" + demo.describe_leftovers())
+        console.say("worker log (last lines):\n" + demo.worker.log_tail())
+    return demo.report(broker)
 
 
 def _broker(config: DemoConfig) -> Broker:
@@ -294,8 +367,7 @@ def _create_tables(config: DemoConfig, database: SQLAlchemyDatabase, executions:
     database.create_table()
     executions.metadata.create_all(database.engine)
     if not config.temporary_database:
-        drop: Callable[[], None] = lambda: _drop_tables(database, executions)
-        cleanup.callback(drop)
+        cleanup.callback(_drop_tables, database, executions)
 
 
 def _drop_tables(database: SQLAlchemyDatabase, executions: Table) -> None:

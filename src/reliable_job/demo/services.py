@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -110,25 +109,43 @@ class ExternalRedis:
 
 
 class Worker:
-    """One ``celery -A reliable_job.demo.app worker`` process, its output in ``log_path``."""
+    """A ``celery -A reliable_job.demo.app worker`` process, started again (as a process supervisor
+    would) by :meth:`restart`; each run's output in its own log file in ``directory``."""
 
     def __init__(self, directory: Path, env: dict[str, str], *, name: str, concurrency: int = 2) -> None:
-        self.log_path = directory / "worker.log"
+        self.directory = directory
         self.ready_file = directory / "worker.ready"
-        argv = [
+        self.argv = [
             sys.executable, "-m", "celery", "-A", "reliable_job.demo.app", "worker",
             "--loglevel=WARNING", f"--concurrency={concurrency}", "--without-gossip",
             "--without-mingle", "--without-heartbeat", "-n", f"{name}@%h",
         ]
-        env = {**env, "RJ_DEMO_READY_FILE": str(self.ready_file)}
+        self.env = {**env, "RJ_DEMO_READY_FILE": str(self.ready_file)}
+        self.runs = 0
+        self.log_path = directory / "worker.log"
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.runs += 1
+        self.log_path = self.directory / f"worker-{self.runs}.log"
+        self.ready_file.unlink(missing_ok=True)
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                argv, env=env, cwd=directory, stdout=log, stderr=subprocess.STDOUT
+            return subprocess.Popen(
+                self.argv, env=self.env, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT
             )
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def exit_status(self) -> int | None:
+        """The exit status once the process has ended, else None."""
+        return self.process.poll()
+
+    def restart(self) -> None:
+        self.stop()
+        self.process = self._spawn()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -155,15 +172,15 @@ class Worker:
             self.process.kill()
             self.process.wait()
 
+    def last_error(self) -> str:
+        """The last CRITICAL line of this run's log, else its last line."""
+        lines = [line.strip() for line in self.log_tail(400).splitlines() if line.strip()]
+        critical = [line for line in lines if "CRITICAL" in line]
+        return (critical or lines or ["no output"])[-1]
+
     def log_tail(self, lines: int = 25) -> str:
         try:
             with open(self.log_path, errors="replace") as log:
                 return "".join(deque(log, maxlen=lines))
         except OSError:
             return ""
-
-
-def worker_environment(base: dict[str, str] | None = None, **values: str) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    env.update(values)
-    return env

@@ -85,7 +85,7 @@ class ReliableCelery:
         captured = producer.captured
         if captured is None:
             raise StagingError(f"Celery published no message for {name}[{task_id}]")
-        job = StagedJob(task_id, name, captured.queue, captured.to_json())
+        job = StagedJob(task_id, name, captured.queue, captured.to_json(), captured.eta)
         self.database.stager.stage([job], target)
         return result
 
@@ -108,6 +108,7 @@ class ReliableCelery:
             poll_interval=s.poll_interval,
             backoff_cap=s.backoff_cap,
             max_publish_attempts=s.max_publish_attempts,
+            redeliver_after=s.redeliver_after,
         )
 
 

@@ -34,11 +34,20 @@ class KombuBroker:
             self._producer = Producer(self._connection, auto_declare=False)
         return self._producer
 
+    def connect(self) -> None:
+        try:
+            self._ensure_producer()
+            self._connection.ensure_connection(max_retries=0)
+        except Exception as exc:
+            if not self._is_outage(exc):
+                raise
+            self.close()
+            raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
+
     def publish(self, rows: Sequence[ClaimedRow]) -> Mapping[int, Exception]:
         failures: dict[int, Exception] = {}
         try:
             producer = self._ensure_producer()
-            outage = self._outage_errors()
             with producer.batch(max_size=max(1, len(rows))):
                 for row in rows:
                     try:
@@ -49,14 +58,14 @@ class KombuBroker:
                             body, declare=declare, retry=False, serializer=None,
                             compression=None, **kwargs,
                         )
-                    except outage:
-                        raise
                     except Exception as exc:
+                        if self._is_outage(exc):
+                            raise
                         failures[row.id] = exc
         except BrokerUnavailable:
             raise
         except Exception as exc:
-            if not isinstance(exc, self._outage_errors()):
+            if not self._is_outage(exc):
                 raise
             self.close()
             raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
@@ -68,6 +77,19 @@ class KombuBroker:
         if conn is not None:
             errors += tuple(conn.connection_errors) + tuple(conn.channel_errors)
         return errors
+
+    def _is_outage(self, exc: BaseException) -> bool:
+        """A connection error, or an error raised from one: kombu's Redis publish batch reports a
+        lost connection as ``BatchPublishError`` raised from the redis ``ConnectionError``."""
+        outage = self._outage_errors()
+        cause: BaseException | None = exc
+        for _ in range(10):
+            if cause is None:
+                break
+            if isinstance(cause, outage):
+                return True
+            cause = cause.__cause__
+        return False
 
     def close(self) -> None:
         connection, self._connection, self._producer = self._connection, None, None

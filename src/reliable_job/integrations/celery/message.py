@@ -13,6 +13,7 @@ import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from reliable_job.errors import NotSerializableError
@@ -34,6 +35,18 @@ class CapturedPublish:
     mandatory: bool = False
     immediate: bool = False
     declare: list[str] = field(default_factory=list)
+
+    @property
+    def eta(self) -> datetime | None:
+        """The job's due time (Celery's ``eta`` header, set by countdown/eta), if any."""
+        value = self.headers.get("eta")
+        if not isinstance(value, str):
+            return None
+        try:
+            eta = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return eta if eta.tzinfo else eta.replace(tzinfo=timezone.utc)
 
     @property
     def queue(self) -> str:

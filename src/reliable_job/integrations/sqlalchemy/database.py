@@ -175,7 +175,7 @@ class SQLAlchemyDatabase:
         now = utcnow()
         return [
             {"job_id": j.job_id, "task_name": j.task_name, "queue": j.queue,
-             "message": j.message, "created_at": now, "updated_at": now}
+             "message": j.message, "eta": j.eta, "created_at": now, "updated_at": now}
             for j in jobs
         ]
 
@@ -210,7 +210,8 @@ class SQLAlchemyDatabase:
         )
         if self.engine.dialect.name != "sqlite":
             stmt = stmt.with_for_update(skip_locked=True)
-        with self._unavailable_as_error(), self.engine.begin() as conn:
+        immediate = self.engine.execution_options(**{_IMMEDIATE: True})  # SQLite: one writer
+        with self._unavailable_as_error(), immediate.begin() as conn:
             rows = [ClaimedRow(r.id, r.job_id, r.message, r.attempts)
                     for r in conn.execute(stmt)]
             yield _Claim(self, conn, rows)
@@ -232,8 +233,8 @@ class SQLAlchemyDatabase:
         with self._unavailable_as_error(), self.engine.connect() as conn:
             by_state = select(t.c.state, func.count()).group_by(t.c.state)
             counts: dict[str, int] = {state: n for state, n in conn.execute(by_state).all()}
-            oldest = conn.execute(
-                select(func.min(t.c.created_at)).where(t.c.state == schema.PENDING)
+            oldest = conn.execute(  # the lowest pending id, through the partial index
+                select(t.c.created_at).where(t.c.state == schema.PENDING).order_by(t.c.id).limit(1)
             ).scalar()
         age = None
         if oldest is not None:
@@ -254,6 +255,28 @@ class SQLAlchemyDatabase:
                 update(t).where(t.c.state == schema.DEAD)
                 .values(state=schema.PENDING, attempts=0, available_at=None, updated_at=utcnow())
             ).rowcount
+
+    def requeue_unfinished(self, older_than: float, max_deliveries: int) -> tuple[int, int]:
+        t = self.table
+        now = utcnow()
+        cutoff = now - timedelta(seconds=older_than)
+        stale = (
+            (t.c.state == schema.SENT)
+            & (t.c.sent_at <= cutoff)
+            & (or_(t.c.eta.is_(None), t.c.eta <= cutoff))
+        )
+        note = f"not completed {older_than:.0f}s after publishing"
+        with self._unavailable_as_error(), self.engine.begin() as conn:
+            dead = conn.execute(
+                update(t).where(stale & (t.c.attempts >= max_deliveries))
+                .values(state=schema.DEAD, last_error=f"{note}, {max_deliveries} times",
+                        updated_at=now)
+            ).rowcount
+            requeued = conn.execute(
+                update(t).where(stale)
+                .values(state=schema.PENDING, available_at=None, last_error=note, updated_at=now)
+            ).rowcount
+        return requeued, dead
 
     def create_table(self) -> None:
         with self._unavailable_as_error():

@@ -1,0 +1,140 @@
+"""One contract for every outbox store: the in-memory fake, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import update
+
+from reliable_job import Settings
+from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase
+from reliable_job.ports import StagedJob
+from reliable_job.testing import InMemoryStore
+from tests.conftest import need
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def store(request, tmp_path, table_name):
+    if request.param == "memory":
+        yield InMemoryStore()
+        return
+    url = (f"sqlite:///{tmp_path / 'store.sqlite3'}" if request.param == "sqlite"
+           else need("RELIABLE_JOB_TEST_POSTGRES_URL"))
+    db = SQLAlchemyDatabase(Settings(database_url=url, table_name=table_name))
+    db.create_table()
+    yield db
+    db.table.drop(db.engine)
+    db.engine.dispose()
+
+
+def stage(store, jobs):
+    if isinstance(store, InMemoryStore):
+        store.write(jobs)
+    else:
+        store.stager.stage(jobs)
+
+
+def age_sent(store, seconds):
+    """Pretend every sent row was published ``seconds`` earlier."""
+    if isinstance(store, InMemoryStore):
+        for row in store.rows.values():
+            row.sent_at -= seconds
+        return
+    t = store.table
+    with store.engine.begin() as conn:
+        for row_id, sent_at in conn.execute(t.select().with_only_columns(t.c.id, t.c.sent_at)):
+            if sent_at is not None:
+                conn.execute(update(t).where(t.c.id == row_id)
+                             .values(sent_at=sent_at - timedelta(seconds=seconds)))
+
+
+def job(i, eta=None):
+    return StagedJob(f"job-{i}", "task", "celery", f'{{"n": {i}}}', eta)
+
+
+def test_claim_returns_pending_rows_in_order_and_mark_sent(store):
+    """Claims return pending rows oldest first; sent rows are not claimed again."""
+    stage(store, [job(i) for i in range(5)])
+    with store.claim(3) as claim:
+        assert [r.job_id for r in claim.rows] == ["job-0", "job-1", "job-2"]
+        assert claim.rows[0].message == '{"n": 0}'
+        claim.mark_sent([r.id for r in claim.rows])
+    with store.claim(10) as claim:
+        assert [r.job_id for r in claim.rows] == ["job-3", "job-4"]
+    assert store.status().as_dict()["sent"] == 3
+
+
+def test_a_failed_claim_changes_nothing(store):
+    """An exception inside a claim (a crash mid-batch) rolls back: rows stay pending."""
+    stage(store, [job(i) for i in range(2)])
+    with pytest.raises(RuntimeError), store.claim(10) as claim:
+        claim.mark_sent([r.id for r in claim.rows])
+        raise RuntimeError("crash before commit")
+    assert store.status().pending == 2
+
+
+def test_mark_failed_backs_off_then_buries(store):
+    """A failed row waits out its backoff (not claimable), then can be set dead."""
+    stage(store, [job(0), job(1)])
+    with store.claim(10) as claim:
+        claim.mark_failed(claim.rows[0], "boom", retry_in=3600)
+        claim.mark_failed(claim.rows[1], "fatal", retry_in=None)
+    with store.claim(10) as claim:
+        assert claim.rows == [] or list(claim.rows) == []
+    status = store.status()
+    assert (status.pending, status.dead) == (1, 1)
+    assert store.retry_dead() == 1
+    with store.claim(10) as claim:
+        assert [r.job_id for r in claim.rows] == ["job-1"]
+
+
+def test_complete_and_bury(store):
+    """Completion deletes a job's row; burying keeps it dead; unknown ids are no-ops."""
+    stage(store, [job(0), job(1)])
+    assert store.complete("job-0") == 1
+    assert store.complete("job-0") == 0
+    assert store.bury("job-1", "ValueError: x") == 1
+    assert store.status().as_dict() == {"pending": 0, "sent": 0, "dead": 1,
+                                        "oldest_pending_seconds": None}
+
+
+def test_staging_the_same_job_id_twice_keeps_one_row(store):
+    """The job id is unique: a second staging of it is ignored."""
+    stage(store, [job(0)])
+    stage(store, [job(0)])
+    assert store.status().pending == 1
+
+
+def test_requeue_unfinished(store):
+    """Sent rows older than the limit go back to pending, unless not yet due, or out of deliveries."""
+    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    stage(store, [job(0), job(1, eta=later), job(2)])
+    with store.claim(10) as claim:
+        claim.mark_sent([r.id for r in claim.rows])
+    assert store.requeue_unfinished(60, 5) == (0, 0), "too recent"
+    age_sent(store, 120)
+    assert store.requeue_unfinished(60, 5) == (2, 0), "the eta job is not due yet"
+    with store.claim(10) as claim:
+        assert sorted(r.job_id for r in claim.rows) == ["job-0", "job-2"]
+        claim.mark_sent([r.id for r in claim.rows])
+    age_sent(store, 120)
+    assert store.requeue_unfinished(60, 2) == (0, 2), "delivered twice already: dead"
+    assert store.status().dead == 2
+
+
+def test_concurrent_claims_skip_locked_rows_on_postgresql(postgres_url, table_name):
+    """Two claims at once never hold the same row: PostgreSQL's SKIP LOCKED.
+
+    (SQLite has one writer at a time: a second claim waits; the fake is covered in the unit tests.)
+    """
+    db = SQLAlchemyDatabase(Settings(database_url=postgres_url, table_name=table_name))
+    db.create_table()
+    try:
+        stage(db, [job(i) for i in range(4)])
+        with db.claim(3) as first, db.claim(3) as second:
+            assert {r.id for r in first.rows}.isdisjoint(r.id for r in second.rows)
+            assert len(first.rows) + len(second.rows) == 4
+    finally:
+        db.table.drop(db.engine)
+        db.engine.dispose()
