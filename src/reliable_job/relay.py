@@ -97,9 +97,9 @@ class Relay:
                 except (BrokerUnavailable, DatabaseUnavailable) as exc:
                     self._wait(self.stopping, self._on_outage(exc))
                     continue
-                except Exception:
+                except Exception as exc:
                     logger.exception("relay pass failed; retrying")
-                    self._wait(self.stopping, self._on_outage(None))
+                    self._wait(self.stopping, self._on_outage(exc))
                     continue
                 self._on_success()
                 if handled < self.batch_size:
@@ -131,12 +131,11 @@ class Relay:
     def stop(self) -> None:
         self.stopping.set()
 
-    def _on_outage(self, exc: Exception | None) -> float:
+    def _on_outage(self, exc: Exception) -> float:
         self._outage_attempts += 1
         if self._outage_since is None:
             self._outage_since = time.monotonic()
-            if exc is not None:
-                logger.warning("relay paused, rows stay pending: %s", exc)
+            logger.warning("relay paused, rows stay pending: %s", exc)
         return backoff_delay(self._outage_attempts, cap=self.backoff_cap)
 
     def _on_success(self) -> None:
