@@ -23,6 +23,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_transport_options={"socket_timeout": 5, "socket_connect_timeout": 2},
 )
+if os.environ.get("RJ_TEST_RESULT_BACKEND"):
+    app.conf.result_backend = os.environ["RJ_TEST_RESULT_BACKEND"]
 runtime = install(app)
 
 _metadata = MetaData()
