@@ -77,7 +77,8 @@ def test_alembic_revision_creates_the_same_table_as_init_db(postgres_url, tmp_pa
         "from sqlalchemy import create_engine\n"
         "engine = create_engine(context.config.get_main_option('sqlalchemy.url'))\n"
         "with engine.connect() as connection:\n"
-        "    context.configure(connection=connection)\n"
+        "    context.configure(connection=connection,\n"
+        "                      version_table=context.config.get_main_option('version_table'))\n"
         "    with context.begin_transaction():\n"
         "        context.run_migrations()\n"
     )
@@ -87,9 +88,18 @@ def test_alembic_revision_creates_the_same_table_as_init_db(postgres_url, tmp_pa
     config = Config()
     config.set_main_option("script_location", str(tmp_path))
     config.set_main_option("sqlalchemy.url", postgres_url)
+    config.set_main_option("version_table", f"alembic_version_{table_name}")
     command.upgrade(config, "head")
 
     engine = create_engine(postgres_url)
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn),
+                                 outbox_table(MetaData(), table_name).metadata)
+    assert [d for d in diffs if concerns(d, table_name)] == [], "autogenerate sees no difference"
+
     other = f"{table_name}_b"
     assert cli("init-db", "--database-url", postgres_url, "--table", other).returncode == 0
 
@@ -109,8 +119,19 @@ def test_alembic_revision_creates_the_same_table_as_init_db(postgres_url, tmp_pa
     command.downgrade(config, "base")
     with engine.begin() as conn:
         conn.execute(text(f'DROP TABLE "{other}"'))
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        conn.execute(text(f'DROP TABLE IF EXISTS "alembic_version_{table_name}"'))
     engine.dispose()
+
+
+def concerns(diff, table_name: str) -> bool:
+    """Whether an Alembic autogenerate diff is about ``table_name`` (the database has others)."""
+    diff = diff[0] if isinstance(diff, list) else diff
+    kind, target = diff[0], diff[1]
+    if kind.endswith("_table"):
+        return target.name == table_name
+    if kind.endswith(("_index", "_constraint")):
+        return target.table.name == table_name
+    return diff[2] == table_name
 
 
 @pytest.mark.parametrize("args", [

@@ -155,3 +155,19 @@ def test_job_enqueued_inside_a_task_is_staged(services, celery_app, engine, outb
     finally:
         relay.broker.close()
     services.stop(worker)
+
+
+def test_a_revoked_job_is_buried_when_dead_jobs_are_preserved(services, celery_app, engine, outbox):
+    """A job revoked before it runs is a final failure: its row is kept dead with 'revoked'."""
+    from tests.apps.celery_app import record
+
+    worker = services.worker(RELIABLE_JOB_PRESERVE_DEAD_JOBS="1")
+    doomed = stage(engine, record, "revoked", countdown=4)
+    wait_for(lambda: (row_of(engine, outbox, doomed.id) or {}).get("state") == "sent",
+             message="the job to be published")
+    celery_app.control.revoke(doomed.id)
+    wait_for(lambda: (row_of(engine, outbox, doomed.id) or {}).get("state") == "dead",
+             timeout=30, message="the revoked job's row to be buried")
+    assert row_of(engine, outbox, doomed.id)["last_error"] == "revoked"
+    assert "revoked" not in services.markers()
+    services.stop(worker)
