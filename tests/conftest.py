@@ -274,6 +274,25 @@ def celery_app(database_url: str, table_name: str, redis_url: str, outbox: Table
     runtime.database.engine.dispose()
 
 
+def stage_records(engine: Engine, prefix: str, count: int) -> list[str]:
+    """Stage ``count`` ``record`` jobs in one committed transaction; return their task ids."""
+    from sqlalchemy.orm import Session
+
+    from tests.apps.celery_app import record
+
+    with Session(engine) as session:
+        ids = [record.apply_async((f"{prefix}{i}",), reliable_job_session=session).id
+               for i in range(count)]
+        session.commit()
+    return ids
+
+
+def outbox_rows(engine: Engine, outbox: Table) -> list[dict[str, object]]:
+    """Every outbox row as a dict, in claim order."""
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(select(outbox).order_by(outbox.c.id))]
+
+
 def sql(engine: Engine, statement: str) -> list[tuple[object, ...]]:
     with engine.begin() as conn:
         result = conn.execute(text(statement))

@@ -10,13 +10,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tests.conftest import count_rows, wait_for
-
-
-def outbox_rows(engine, outbox) -> list[dict[str, object]]:
-    """Every outbox row as a dict, in claim order."""
-    with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(select(outbox).order_by(outbox.c.id))]
+from tests.conftest import count_rows, outbox_rows, wait_for
 
 
 def row_of(engine, outbox, job_id: str) -> dict[str, object] | None:

@@ -9,26 +9,10 @@ import time
 from collections import Counter
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from tests.conftest import ROOT, count_rows, wait_for
-
-
-def stage_batch(engine, prefix: str, count: int) -> list[str]:
-    """Stage ``count`` record jobs in one committed transaction; return their task ids."""
-    from tests.apps.celery_app import record
-
-    with Session(engine) as session:
-        ids = [record.apply_async((f"{prefix}{i}",), reliable_job_session=session).id
-               for i in range(count)]
-        session.commit()
-    return ids
-
-
-def outbox_rows(engine, outbox) -> list[dict[str, object]]:
-    with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(select(outbox).order_by(outbox.c.id))]
+from tests.conftest import ROOT, count_rows, outbox_rows, stage_records, wait_for
 
 
 @pytest.fixture
@@ -53,7 +37,7 @@ def test_redis_outage_keeps_rows_pending_then_delivers_once(services, own_broker
     """With Redis down staging still commits, rows stay pending and the relay logs the outage once;
     once Redis is back every committed job runs exactly once and the outbox empties."""
     worker = services.worker()
-    before = stage_batch(engine, "before", 20)
+    before = stage_records(engine, "before", 20)
     wait_for(lambda: set(before) <= {t for t, _, _ in services.executed()},
              message="the first jobs to run")
     wait_for(lambda: count_rows(engine, outbox) == 0, message="their rows deleted")
@@ -61,14 +45,14 @@ def test_redis_outage_keeps_rows_pending_then_delivers_once(services, own_broker
     own_broker.stop()
     during = []
     for round_ in range(3):  # several commits while the broker is down
-        during += stage_batch(engine, f"during{round_}-", 10)
+        during += stage_records(engine, f"during{round_}-", 10)
     wait_for(lambda: "relay paused" in services.log(worker), timeout=30,
              message="the relay to notice the outage")
     time.sleep(2.5)  # let the relay retry several times (backoff cap 1 s) while Redis is down
     assert count_rows(engine, outbox, state="pending") == len(during)
     assert count_rows(engine, outbox) == len(during)
     assert not set(during) & {t for t, _, _ in services.executed()}
-    during += stage_batch(engine, "late", 10)
+    during += stage_records(engine, "late", 10)
 
     own_broker.start()
     everything = before + during

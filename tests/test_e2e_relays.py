@@ -11,22 +11,10 @@ from collections import Counter
 
 import redis as redis_lib
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from tests.conftest import count_rows, wait_for
+from tests.conftest import count_rows, stage_records, wait_for
 
 QUEUE = "celery"
-
-
-def stage_many(engine, count: int, prefix: str) -> list[str]:
-    """Stage ``count`` record jobs in one transaction, committed at once; return their task ids."""
-    from tests.apps.celery_app import record
-
-    with Session(engine) as session:
-        ids = [record.apply_async((f"{prefix}{i}",), reliable_job_session=session).id
-               for i in range(count)]
-        session.commit()
-    return ids
 
 
 def queued_ids(redis_url: str) -> list[str]:
@@ -73,7 +61,7 @@ def test_relays_killed_mid_batch_lose_nothing(services, celery_app, engine, outb
     """Standalone relays SIGKILLed at random instants lose no job; a later relay publishes the rest,
     with at most one batch published twice per kill."""
     total, batch, kills = 1500, 10, 4
-    ids = stage_many(engine, total, "k")
+    ids = stage_records(engine, "k", total)
     interrupted = 0
     for _ in range(kills):
         relay = services.relay(RELIABLE_JOB_BATCH_SIZE=str(batch))
@@ -107,7 +95,7 @@ def test_two_relays_never_publish_a_row_twice(services, celery_app, engine, outb
     relays = [services.relay(RELIABLE_JOB_BATCH_SIZE=str(batch)) for _ in range(2)]
     for relay in relays:
         wait_for(lambda relay=relay: started(services, relay), message="both relays started")
-    ids = stage_many(engine, total, "t")  # one commit: both relays see the whole backlog at once
+    ids = stage_records(engine, "t", total)  # one commit: both relays see the whole backlog at once
 
     wait_for(lambda: count_rows(engine, outbox, state="sent") == total, timeout=60,
              message="every row sent")
@@ -129,7 +117,7 @@ def test_sigterm_and_sigint_finish_the_batch_and_exit_0(services, celery_app, en
     """SIGTERM and SIGINT make a busy relay finish its batch and exit 0: every row is pending or
     sent, exactly the sent ones are on the broker, and a later relay delivers the rest once."""
     total, batch = 1000, 10
-    ids = stage_many(engine, total, "s")
+    ids = stage_records(engine, "s", total)
     for sig in (signal.SIGTERM, signal.SIGINT):
         relay = services.relay(RELIABLE_JOB_BATCH_SIZE=str(batch))
         already = count_rows(engine, outbox, state="sent")
