@@ -162,7 +162,8 @@ def test_same_task_id_twice_is_staged_once(celery_app, engine, outbox):
 
 def test_relay_puts_in_redis_what_a_direct_apply_async_would(celery_app, engine, outbox, redis_url,
                                                               monkeypatch):
-    """Routing, priority, headers and body of a relayed message equal a direct publish's."""
+    """Routing, priority, headers, body and queue bookkeeping of a relayed message equal a direct
+    publish's."""
     from tests.apps.celery_app import record
 
     client = redis_lib.Redis.from_url(redis_url)
@@ -171,9 +172,13 @@ def test_relay_puts_in_redis_what_a_direct_apply_async_would(celery_app, engine,
     with Session(engine) as session:
         record.apply_async(("x",), reliable_job_session=session, **options)
         session.commit()
-    assert celery_app.reliable_job.relay().run_once() == 1
+    relay = celery_app.reliable_job.relay()
+    assert relay.run_once() == 1
+    relay.broker.close()
     keys = [k for k in client.keys("reports*") if client.type(k) == b"list"]
     assert len(keys) == 1
+    # kombu's queue bookkeeping, as a direct publish declares it (what Flower and inspect read)
+    assert client.smembers("_kombu.binding.reports")
     relayed = json.loads(client.lpop(keys[0]))
 
     monkeypatch.setattr(type(record._get_current_object()), "reliable_job", False)
