@@ -92,3 +92,10 @@ def spawn(self, marker):
     child = record.delay(f"{marker}:child")
     _record(self.request.id, marker)
     return child.id
+
+
+@app.task(bind=True, reliable_job=True)
+def slow_record(self, marker, seconds=0.05):
+    """Takes a moment, so that a worker can be killed in the middle of its work."""
+    time.sleep(seconds)
+    _record(self.request.id, marker)
