@@ -26,6 +26,8 @@ class KombuBroker:
         self.app = app
         self._connection: Any = None
         self._producer: Any = None
+        self._declared: set[str] = set()
+        """Queues declared on the current connection: declared once, not for every message."""
 
     def _ensure_producer(self) -> Any:
         if self._producer is None:
@@ -52,12 +54,12 @@ class KombuBroker:
                 for row in rows:
                     try:
                         body, kwargs = publish_arguments(row.message)
-                        queues = self.app.amqp.queues
-                        declare = [queues[name] for name in kwargs.pop("declare_names")]
+                        declare = self._to_declare(kwargs.pop("declare_names"))
                         producer.publish(
                             body, declare=declare, retry=False, serializer=None,
                             compression=None, **kwargs,
                         )
+                        self._declared.update(queue.name for queue in declare)
                     except Exception as exc:
                         if self._is_outage(exc):
                             raise
@@ -70,6 +72,10 @@ class KombuBroker:
             self.close()
             raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
         return failures
+
+    def _to_declare(self, names: list[str]) -> list[Any]:
+        queues = self.app.amqp.queues
+        return [queues[name] for name in names if name not in self._declared]
 
     def _outage_errors(self) -> tuple[type[BaseException], ...]:
         conn = self._connection
@@ -93,6 +99,7 @@ class KombuBroker:
 
     def close(self) -> None:
         connection, self._connection, self._producer = self._connection, None, None
+        self._declared.clear()
         if connection is not None:
             try:
                 connection.release()
