@@ -208,3 +208,12 @@ def test_staging_needs_neither_broker_nor_result_backend(engine, outbox, databas
         result = offline.apply_async((1,), countdown=5, reliable_job_session=session)
         session.commit()
     assert [r.job_id for r in rows(engine, outbox)] == [result.id]
+
+
+def test_a_missing_outbox_table_is_a_clear_staging_error(celery_app, engine, database_url):
+    """Staging into a table that was never created raises StagingError naming the fix."""
+    from tests.apps.celery_app import record
+
+    install(celery_app, database_url=database_url, table_name="never_created")
+    with pytest.raises(reliable_job.StagingError, match=r"never_created.*migration"):
+        record.delay("x")

@@ -29,7 +29,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, scoped_session
 
 from reliable_job import schema
-from reliable_job.errors import ConfigurationError, DatabaseUnavailable
+from reliable_job.errors import ConfigurationError, DatabaseUnavailable, StagingError
 from reliable_job.ports import ClaimedRow, OutboxStatus, OutboxWriter, StagedJob
 from reliable_job.settings import Settings
 from reliable_job.staging import Stager
@@ -120,7 +120,8 @@ class _Writer:
         self._dialect = dialect
 
     def write(self, jobs: Sequence[StagedJob]) -> None:
-        self._target.execute(self._db.insert_statement(self._dialect), self._db.rows(jobs))
+        with self._db.staging_errors():
+            self._target.execute(self._db.insert_statement(self._dialect), self._db.rows(jobs))
 
 
 class _OwnTransactionWriter:
@@ -129,7 +130,7 @@ class _OwnTransactionWriter:
 
     def write(self, jobs: Sequence[StagedJob]) -> None:
         engine = self._db.engine
-        with engine.begin() as conn:
+        with self._db.staging_errors(), engine.begin() as conn:
             conn.execute(self._db.insert_statement(engine.dialect.name), self._db.rows(jobs))
 
 
@@ -281,6 +282,17 @@ class SQLAlchemyDatabase:
     def create_table(self) -> None:
         with self._unavailable_as_error():
             self.table.metadata.create_all(self.engine, tables=[self.table])
+
+    @contextmanager
+    def staging_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except DBAPIError as exc:
+            raise StagingError(
+                f"cannot write to the outbox table {self.table.name!r}: "
+                f"{' '.join(str(exc.orig or exc).split())} "
+                "(does it exist? see `reliable-job migration` and `reliable-job init-db`)"
+            ) from exc
 
     @contextmanager
     def _unavailable_as_error(self) -> Iterator[None]:
