@@ -21,7 +21,7 @@ lock:
 		--extra sqlalchemy --python-version 3.11 -o requirements/dev.lock
 
 lint: venv
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
