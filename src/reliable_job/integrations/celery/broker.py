@@ -43,8 +43,7 @@ class KombuBroker:
         except Exception as exc:
             if not self._is_outage(exc):
                 raise
-            self.close()
-            raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
+            raise self._unavailable(exc) from exc
 
     def publish(self, rows: Sequence[ClaimedRow]) -> Mapping[int, Exception]:
         failures: dict[int, Exception] = {}
@@ -69,9 +68,13 @@ class KombuBroker:
         except Exception as exc:
             if not self._is_outage(exc):
                 raise
-            self.close()
-            raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
+            raise self._unavailable(exc) from exc
         return failures
+
+    def _unavailable(self, exc: Exception) -> BrokerUnavailable:
+        """Drop the broken connection; the error the relay treats as an outage."""
+        self.close()
+        return BrokerUnavailable(f"broker unavailable: {type(exc).__name__}: {exc}")
 
     def _to_declare(self, names: list[str]) -> list[Any]:
         queues = self.app.amqp.queues

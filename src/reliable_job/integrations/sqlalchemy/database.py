@@ -144,6 +144,8 @@ class SQLAlchemyDatabase:
             _dispose_after_fork(self.engine)
         else:
             self.engine = create_outbox_engine(settings.database_url)
+        # Claims open with BEGIN IMMEDIATE on SQLite (one writer); the option is ignored elsewhere.
+        self._claim_engine = self.engine.execution_options(**{_IMMEDIATE: True})
         self.table: Table = (
             metadata.tables.get(settings.table_name) if metadata is not None else None
         ) or _table(settings.table_name)
@@ -211,8 +213,7 @@ class SQLAlchemyDatabase:
         )
         if self.engine.dialect.name != "sqlite":
             stmt = stmt.with_for_update(skip_locked=True)
-        immediate = self.engine.execution_options(**{_IMMEDIATE: True})  # SQLite: one writer
-        with self._unavailable_as_error(), immediate.begin() as conn:
+        with self._unavailable_as_error(), self._claim_engine.begin() as conn:
             rows = [ClaimedRow(r.id, r.job_id, r.message, r.attempts)
                     for r in conn.execute(stmt)]
             yield _Claim(self, conn, rows)
