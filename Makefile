@@ -18,7 +18,7 @@ lock:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/pip install uv
 	$(BIN)/uv pip compile pyproject.toml --extra dev --extra celery --extra postgres \
-		--extra sqlalchemy --python-version 3.11 -o requirements/dev.lock
+		--extra sqlalchemy --extra django --universal --python-version 3.10 -o requirements/dev.lock
 
 lint: venv
 	$(BIN)/ruff check src tests bench

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reliable_job.errors import ReliableJobError
+from reliable_job.ports import OutboxStatus
 from reliable_job.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,12 @@ def cmd_relay(args: argparse.Namespace) -> int:
         app.connection_for_write().get_transport_cls()  # validates the broker URL
     except Exception as exc:
         raise ReliableJobError(f"bad broker URL: {type(exc).__name__}: {exc}") from exc
-    relay = runtime.relay()
+    run_until_signalled(runtime.relay())
+    return 0
+
+
+def run_until_signalled(relay: Any) -> None:
+    """Run ``relay`` until SIGTERM or SIGINT; the batch in flight is finished first."""
 
     def stop(signum: int, _frame: Any) -> None:
         logger.info("signal %d: finishing the batch in flight", signum)
@@ -61,7 +67,6 @@ def cmd_relay(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     relay.run()
-    return 0
 
 
 def _settings_dict(settings: Settings) -> dict[str, Any]:
@@ -71,16 +76,21 @@ def _settings_dict(settings: Settings) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _database(args).status()
-    if args.json:
-        print(json.dumps(status.as_dict()))
-    else:
-        age = status.oldest_pending_seconds
-        print(f"pending: {status.pending}")
-        print(f"sent (awaiting completion): {status.sent}")
-        print(f"dead: {status.dead}")
-        print(f"oldest pending: {'-' if age is None else f'{age:.1f}s'}")
+    print(format_status(_database(args).status(), as_json=args.json))
     return 0
+
+
+def format_status(status: OutboxStatus, *, as_json: bool) -> str:
+    """What ``status`` prints: one JSON object, or one line per count."""
+    if as_json:
+        return json.dumps(status.as_dict())
+    age = status.oldest_pending_seconds
+    return "\n".join([
+        f"pending: {status.pending}",
+        f"sent (awaiting completion): {status.sent}",
+        f"dead: {status.dead}",
+        f"oldest pending: {'-' if age is None else f'{age:.1f}s'}",
+    ])
 
 
 def cmd_migration(args: argparse.Namespace) -> int:
@@ -108,9 +118,12 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
 
 def cmd_retry_dead(args: argparse.Namespace) -> int:
-    count = _database(args).retry_dead()
-    print(f"{count} dead job(s) back to pending")
+    print(format_retried(_database(args).retry_dead()))
     return 0
+
+
+def format_retried(count: int) -> str:
+    return f"{count} dead job(s) back to pending"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

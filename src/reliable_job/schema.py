@@ -35,6 +35,10 @@ class Column:
     default: str | int | None = None
     doc: str = ""
 
+    def unique_name(self, table_name: str) -> str:
+        """Name of the unique constraint on this column (``unique=True``)."""
+        return f"uq_{table_name}_{self.name}"
+
 
 @dataclass(frozen=True)
 class Index:

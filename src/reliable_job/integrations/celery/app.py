@@ -97,12 +97,13 @@ class ReliableCelery:
 
     # -- relay ---------------------------------------------------------------------------------
 
-    def relay(self) -> Relay:
+    def relay(self, store: Any = None) -> Any:
+        """A relay of this app's outbox (or of ``store``), publishing through the app's broker."""
         from reliable_job.integrations.celery.broker import KombuBroker
 
         s = self.settings
         return Relay(
-            self.database,
+            self.database if store is None else store,
             KombuBroker(self.app),
             batch_size=s.batch_size,
             poll_interval=s.poll_interval,
@@ -132,17 +133,21 @@ def _skip_result_subscription(backend: Any) -> None:
     backend._reliable_job_skips_staged = True
 
 
-def install(app: Any, *, database: Any = None, **settings: Any) -> ReliableCelery:
+def install(
+    app: Any, *, database: Any = None, runtime_class: type[ReliableCelery] | None = None,
+    **settings: Any,
+) -> ReliableCelery:
     """Install reliable-job on a Celery app; settings as keyword arguments or ``RELIABLE_JOB_*``.
 
     Stages reliable tasks, deletes their rows when they complete (in ``celery worker``), and starts
-    a relay thread in every worker unless ``relay_in_worker=False``.
+    a relay thread in every worker unless ``relay_in_worker=False``. ``database`` and
+    ``runtime_class`` let another database layer (the Django integration) plug in.
     """
     from reliable_job.integrations.celery.worker import connect_worker
 
     existing = getattr(app, "reliable_job", None)
     original = existing._send_task if existing is not None else app.send_task
-    runtime = ReliableCelery(app, Settings.from_env(**settings), database)
+    runtime = (runtime_class or ReliableCelery)(app, Settings.from_env(**settings), database)
     runtime._send_task = original
 
     @functools.wraps(original)

@@ -60,7 +60,7 @@ def outbox_table(metadata: MetaData, name: str = schema.DEFAULT_TABLE_NAME) -> T
             )
         )
     uniques = [
-        UniqueConstraint(col.name, name=f"uq_{name}_{col.name}")
+        UniqueConstraint(col.name, name=col.unique_name(name))
         for col in schema.COLUMNS
         if col.unique
     ]

@@ -1,0 +1,62 @@
+"""``manage.py reliable_job relay | status [--json] | retry-dead``: the ``reliable-job`` command's
+database commands on the project's Django databases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from reliable_job import cli
+from reliable_job.errors import ReliableJobError
+
+
+def runtime_for(spec: str | None) -> Any:
+    """The Django runtime of the Celery app ``spec`` (``module:attribute``), or of the project's
+    Celery app (the one the standard layout imports in ``proj/__init__.py``)."""
+    from celery import _state
+
+    from reliable_job.integrations.django.runtime import DjangoReliableCelery, install
+
+    if spec:
+        return install(cli._load_app(spec))
+    for app in list(_state._get_active_apps()):
+        runtime = getattr(app, "reliable_job", None)
+        if isinstance(runtime, DjangoReliableCelery):
+            return runtime
+    raise CommandError(
+        "no Celery app with reliable-job found: import it in your project's __init__.py "
+        "(Celery's Django layout) or pass --app module:attribute"
+    )
+
+
+class Command(BaseCommand):
+    help = "reliable-job: run a relay, show the outbox status, retry dead jobs."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True)
+        relay = sub.add_parser("relay", help="publish staged jobs until SIGTERM/SIGINT")
+        relay.add_argument("--batch-size", type=int)
+        status = sub.add_parser("status", help="count pending, sent and dead rows")
+        status.add_argument("--json", action="store_true", help="print one JSON object")
+        retry = sub.add_parser("retry-dead", help="put dead rows back to pending")
+        for p in (relay, status, retry):
+            p.add_argument("--app", help="the Celery app, as module:attribute (default: found)")
+        for p in (status, retry):
+            p.add_argument("--database", help="one database alias (default: every outbox)")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            runtime = runtime_for(options["app"])
+            action = options["action"]
+            if action == "relay":
+                if options["batch_size"]:
+                    runtime.settings = runtime.settings.replace(batch_size=options["batch_size"])
+                cli.run_until_signalled(runtime.relay())
+            elif action == "status":
+                status = runtime.database.status(options["database"])
+                self.stdout.write(cli.format_status(status, as_json=options["json"]))
+            else:
+                self.stdout.write(cli.format_retried(runtime.database.retry_dead(options["database"])))
+        except ReliableJobError as exc:
+            raise CommandError(" ".join(str(exc).split())) from exc

@@ -1,0 +1,23 @@
+"""The outbox table as a Django model (fields and indexes from :mod:`reliable_job.schema`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+
+from reliable_job.integrations.django import conf
+from reliable_job.integrations.django import schema as django_schema
+
+
+def _build() -> Any:
+    attrs: dict[str, Any] = {"__module__": __name__, "__qualname__": "OutboxJob"}
+    attrs.update(django_schema.fields())
+    meta = dict(django_schema.options(conf.table_name()), app_label="reliable_job")
+    attrs["Meta"] = type("Meta", (), meta)
+    attrs["__str__"] = lambda self: f"{self.task_name}[{self.job_id}] {self.state}"
+    return type("OutboxJob", (models.Model,), attrs)
+
+
+OutboxJob = _build()
+"""One staged job: the finished broker message and its state (pending, sent, dead)."""

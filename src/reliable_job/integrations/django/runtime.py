@@ -1,0 +1,131 @@
+"""reliable-job on the Celery app of a Django project.
+
+With Celery's standard Django layout (``proj/celery.py`` creating the app with
+``DJANGO_SETTINGS_MODULE`` set, ``proj/__init__.py`` importing it), the app is installed when Django
+starts (:meth:`ReliableJobConfig.ready`): nothing to add to ``proj/celery.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from reliable_job.integrations.celery.app import ReliableCelery
+from reliable_job.integrations.celery.app import install as celery_install
+from reliable_job.integrations.django import conf
+from reliable_job.integrations.django.database import DjangoOutbox
+
+logger = logging.getLogger(__name__)
+
+
+class DjangoReliableCelery(ReliableCelery):
+    """The Celery runtime on a :class:`DjangoOutbox`: one relay per database alias with an outbox."""
+
+    database: DjangoOutbox
+
+    def relay(self, store: Any = None) -> Any:
+        if store is not None:
+            return super().relay(store)
+        relays = [super(DjangoReliableCelery, self).relay(self.database.store(alias))
+                  for alias in self.database.aliases()]
+        return relays[0] if len(relays) == 1 else MultiRelay(relays)
+
+
+class MultiRelay:
+    """Several relays (one per database) run and stopped as one."""
+
+    def __init__(self, relays: list[Any]) -> None:
+        self.relays = relays
+
+    @property
+    def published(self) -> int:
+        return sum(relay.published for relay in self.relays)
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=relay.run, name="reliable-job-relay", daemon=True)
+                   for relay in self.relays[1:]]
+        for thread in threads:
+            thread.start()
+        try:
+            self.relays[0].run()
+        finally:
+            self.stop()
+            for thread in threads:
+                thread.join(timeout=30)
+
+    def stop(self) -> None:
+        for relay in self.relays:
+            relay.stop()
+
+
+def install(app: Any) -> DjangoReliableCelery:
+    """Install reliable-job on ``app`` with the ``RELIABLE_JOB`` Django settings (once)."""
+    existing = getattr(app, "reliable_job", None)
+    if isinstance(existing, DjangoReliableCelery):
+        return existing
+    settings, options = conf.read()
+    outbox = DjangoOutbox(app, settings, options)
+    values = {name: getattr(settings, name) for name in (
+        "enable_for_all_jobs", "preserve_dead_jobs", "table_name", "batch_size", "poll_interval",
+        "relay_in_worker", "backoff_cap", "max_publish_attempts", "redeliver_after")}
+    runtime = celery_install(app, database=outbox, runtime_class=DjangoReliableCelery, **values)
+    assert isinstance(runtime, DjangoReliableCelery)
+    return runtime
+
+
+def _is_django_app(app: Any) -> bool:
+    """Created with ``DJANGO_SETTINGS_MODULE`` set: Celery installed its Django fixup."""
+    return any(type(fixup).__name__ == "DjangoFixup" for fixup in (app._fixups or ()))
+
+
+def _install_if_django(app: Any) -> None:
+    if getattr(app, "reliable_job", None) is None and _is_django_app(app):
+        install(app)
+
+
+def on_django_ready() -> None:
+    """Install on every Django-enabled Celery app, now and when one is finalized later; make
+    ``delay_on_commit`` stage reliable tasks."""
+    try:
+        from celery import _state
+    except ImportError:  # pragma: no cover - the Celery extra is not installed
+        logger.debug("Celery is not installed: nothing to install reliable-job on")
+        return
+    _patch_on_commit()
+    for app in list(_state._get_active_apps()):
+        _install_if_django(app)
+    _state.connect_on_app_finalize(_install_if_django)
+
+
+def _is_reliable(task: Any) -> bool:
+    runtime = getattr(task.app, "reliable_job", None)
+    return runtime is not None and bool(runtime.is_reliable(task.name, task))
+
+
+def _patch_on_commit() -> None:
+    """``delay_on_commit`` / ``apply_async_on_commit`` of a reliable task stage the job now, in the
+    current transaction, instead of publishing it after the commit; other tasks keep Celery's
+    behaviour."""
+    from celery.contrib.django.task import DjangoTask
+
+    if getattr(DjangoTask, "_reliable_job_patched", False):
+        return
+    delay_on_commit = DjangoTask.delay_on_commit
+    apply_async_on_commit = DjangoTask.apply_async_on_commit
+
+    def reliable_delay_on_commit(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not _is_reliable(self):
+            return delay_on_commit(self, *args, **kwargs)  # type: ignore[no-any-return]
+        self.delay(*args, **kwargs)
+        return None
+
+    def reliable_apply_async_on_commit(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not _is_reliable(self):
+            return apply_async_on_commit(self, *args, **kwargs)  # type: ignore[no-any-return]
+        self.apply_async(*args, **kwargs)
+        return None
+
+    DjangoTask.delay_on_commit = reliable_delay_on_commit
+    DjangoTask.apply_async_on_commit = reliable_apply_async_on_commit
+    DjangoTask._reliable_job_patched = True

@@ -1,0 +1,61 @@
+"""The outbox table as Django model fields and options, rendered from :mod:`reliable_job.schema`.
+
+Both the model (``models.py``) and the migration (``migrations/0001_initial.py``) are built from
+these functions, so ``makemigrations`` finds nothing to change and the table matches the one the
+SQLAlchemy integration creates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+
+from reliable_job import schema
+
+
+def field(column: schema.Column) -> Any:
+    if column.kind == "id":
+        return models.BigAutoField(primary_key=True, serialize=False, help_text=column.doc)
+    options: dict[str, Any] = {"null": column.nullable, "help_text": column.doc}
+    if column.nullable:
+        options["blank"] = True
+    if column.default is not None:
+        # In the table (as the SQLAlchemy table has it) and in Python, for the ORM's inserts.
+        options["db_default"] = column.default
+        options["default"] = column.default
+    if column.kind == "string":
+        return models.CharField(max_length=column.length, **options)
+    if column.kind == "text":
+        return models.TextField(**options)
+    if column.kind == "integer":
+        return models.IntegerField(**options)
+    return models.DateTimeField(**options)
+
+
+def fields() -> list[tuple[str, Any]]:
+    return [(column.name, field(column)) for column in schema.COLUMNS]
+
+
+def options(table_name: str) -> dict[str, Any]:
+    """``Meta`` options: the table name, its unique constraint and its indexes."""
+    table_name = schema.validate_table_name(table_name)
+    return {
+        "db_table": table_name,
+        "ordering": ["id"],
+        "verbose_name": "outbox job",
+        "verbose_name_plural": "outbox jobs",
+        "constraints": [
+            models.UniqueConstraint(fields=[c.name], name=c.unique_name(table_name))
+            for c in schema.COLUMNS
+            if c.unique
+        ],
+        "indexes": [
+            models.Index(
+                fields=list(index.columns),
+                name=index.name(table_name),
+                condition=models.Q(state=schema.PENDING) if index.where_pending else None,
+            )
+            for index in schema.INDEXES
+        ],
+    }
