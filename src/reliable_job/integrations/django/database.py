@@ -133,12 +133,13 @@ class DjangoOutbox:
         self.options = options
         self._stores: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._discovered = False
         self.stager = Stager(adapt=self._adapt, own_transaction=lambda: DjangoWriter(self, None))
 
     # -- staging -------------------------------------------------------------------------------
 
     def alias_for(self, task_name: str) -> str:
-        task = self.app._tasks.get(task_name)
+        task = self.app.tasks.get(task_name)
         alias = getattr(task, DATABASE_OPTION, None) if task is not None else None
         return alias or self.options.database
 
@@ -157,9 +158,13 @@ class DjangoOutbox:
     # -- the stores ------------------------------------------------------------------------------
 
     def aliases(self) -> list[str]:
-        """Every alias holding an outbox: the configured ones, then those tasks name."""
+        """Every alias holding an outbox: the configured ones, then those tasks name (the project's
+        task modules are imported first, as ``celery worker`` does)."""
+        if not self._discovered:
+            self._discovered = True
+            self.app.loader.import_default_modules()
         found = [self.options.database, *self.options.databases]
-        for task in list(self.app._tasks.values()):
+        for task in list(self.app.tasks.values()):
             alias = getattr(task, DATABASE_OPTION, None)
             if isinstance(alias, str):
                 found.append(alias)
