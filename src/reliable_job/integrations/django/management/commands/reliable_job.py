@@ -3,6 +3,7 @@ database commands on the project's Django databases."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -46,6 +47,10 @@ class Command(BaseCommand):
             p.add_argument("--database", help="one database alias (default: every outbox)")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if not logging.getLogger().handlers:  # an entry point, like the reliable-job command
+            level = {0: logging.WARNING, 1: logging.INFO}.get(options["verbosity"], logging.DEBUG)
+            logging.basicConfig(level=level,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             runtime = runtime_for(options["app"])
             action = options["action"]
