@@ -21,7 +21,7 @@ lock:
 		--extra sqlalchemy --extra django --universal --python-version 3.10 -o requirements/dev.lock
 
 lint: venv
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
