@@ -68,8 +68,12 @@ class OutboxJobAdmin(admin.ModelAdmin):
     def has_retry_permission(self, request: Any) -> bool:
         return bool(request.user.has_perm("reliable_job.change_outboxjob"))
 
-    def get_actions(self, request: Any) -> Any:
-        actions = super().get_actions(request)
+    def get_actions(self, request: Any, action_location: Any = None) -> Any:
+        # action_location: Django >= 6.1 passes it; 5.2 does not know it.
+        if action_location is None:
+            actions = super().get_actions(request)
+        else:
+            actions = super().get_actions(request, action_location=action_location)
         actions.pop("delete_selected", None)  # "discard" does it without loading every row
         return actions
 
