@@ -40,5 +40,5 @@ demo: venv
 	$(BIN)/reliable-job demo
 
 clean: services-down
-	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .import_linter_cache src/*.egg-info
+	rm -rf $(VENV) .venv-django-newest build dist .pytest_cache .mypy_cache .ruff_cache .import_linter_cache src/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

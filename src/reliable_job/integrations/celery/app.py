@@ -97,7 +97,7 @@ class ReliableCelery:
 
     # -- relay ---------------------------------------------------------------------------------
 
-    def relay(self, store: Any = None) -> Any:
+    def relay(self, store: Any = None) -> Relay:
         """A relay of this app's outbox (or of ``store``), publishing through the app's broker."""
         from reliable_job.integrations.celery.broker import KombuBroker
 

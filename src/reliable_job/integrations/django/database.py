@@ -162,7 +162,8 @@ class DjangoOutbox:
         task modules are imported first, as ``celery worker`` does)."""
         if not self._discovered:
             self._discovered = True
-            self.app.loader.import_default_modules()
+            if not getattr(self.app.loader, "worker_initialized", False):  # the worker did it
+                self.app.loader.import_default_modules()
         found = [self.options.database, *self.options.databases]
         for task in list(self.app.tasks.values()):
             alias = getattr(task, DATABASE_OPTION, None)
