@@ -171,3 +171,39 @@ def test_engine_url_is_built_from_databases():
     assert engine_url("sqlite").database == str(settings.DATABASES["sqlite"]["NAME"])
     with pytest.raises(ConfigurationError, match="alias"):
         engine_url("nope")
+
+
+def test_bind_a_block_to_an_alias(runtime):
+    """reliable_job.bind("other") stages every reliable job of the block in that alias."""
+    import reliable_job
+    from tests.django.testapp.tasks import record
+
+    with transaction.atomic(using="other"), reliable_job.bind("other"):
+        bound = record.delay("bound")
+    assert [job_id for _, _, job_id in outbox("other")] == [bound.id]
+    assert outbox("default") == []
+
+
+def test_same_task_id_is_staged_once(runtime, alias_task):
+    """Like the SQLAlchemy writer: ON CONFLICT DO NOTHING on the job id."""
+    alias, task = alias_task
+    with transaction.atomic(using=alias):
+        task.apply_async(("first",), task_id="same-id")
+        task.apply_async(("second",), task_id="same-id")
+    assert outbox(alias) == [(task.name, "pending", "same-id")]
+
+
+def test_a_missing_table_is_a_staging_error(runtime):
+    """Without the table (no migrate) the call fails with a StagingError that says so."""
+    from django.db import connection
+
+    from reliable_job.errors import StagingError
+    from tests.django.testapp.tasks import record
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE reliable_job_outbox RENAME TO reliable_job_outbox_gone")
+        with pytest.raises(StagingError, match=r"manage\.py migrate"):
+            record.delay("no table")
+        raise RuntimeError("roll the rename back")
+    assert outbox() == []
