@@ -1,5 +1,6 @@
-"""The example project's README steps, run as written (in a copy of the project, SQLite as the
-README's default, the Redis URL and port pointed at the test servers)."""
+"""The example project's README steps, run as written (in a copy of the project, the Redis URL and
+port pointed at the test servers), on SQLite (the README's default) and on PostgreSQL (with the
+README's DATABASE_URL)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
+import uuid
 
 import pytest
+from sqlalchemy import create_engine, make_url, text
 
 from tests.conftest import free_port, wait_for
 from tests.django.conftest import EXAMPLE, flush_redis
@@ -40,15 +42,42 @@ def post(url: str, data: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def query(db: Path, sql: str) -> list[tuple[object, ...]]:
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """The README's default (SQLite in the project directory), or PostgreSQL through the
+    README's DATABASE_URL (a fresh database)."""
+    if request.param == "sqlite":
+        path = tmp_path / "django_project" / "db.sqlite3"
+
+        def query(sql: str) -> list[tuple[object, ...]]:
+            conn = sqlite3.connect(path, timeout=30)
+            try:
+                return conn.execute(sql).fetchall()
+            finally:
+                conn.close()
+
+        yield {}, query
+        return
+    url = make_url(os.environ["RELIABLE_JOB_TEST_POSTGRES_URL"])
+    name = f"rj_example_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    engine = create_engine(url.set(database=name))
+
+    def query(sql: str) -> list[tuple[object, ...]]:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(sql))]
+
+    yield {"DATABASE_URL": url.set(drivername="postgresql", database=name)
+           .render_as_string(hide_password=False)}, query
+    engine.dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()
 
 
-def test_readme_steps_run_as_written(tmp_path):
+def test_readme_steps_run_as_written(tmp_path, database):
     """migrate, a worker, the dev server, two requests: the committed order's task runs once, the
     failed view's never; the outbox ends empty."""
     redis_url = os.environ["RELIABLE_JOB_TEST_REDIS_URL"]
@@ -56,8 +85,10 @@ def test_readme_steps_run_as_written(tmp_path):
     project = tmp_path / "django_project"
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("db.sqlite3*", "__pycache__"))
     port = str(free_port())
+    db_env, query = database
     env = {k: v for k, v in os.environ.items()
            if k != "DJANGO_SETTINGS_MODULE" and not k.startswith("RELIABLE_JOB_")}
+    env.update(db_env)
     background: list[subprocess.Popen[bytes]] = []
     responses: list[tuple[int, bytes]] = []
     outputs: list[str] = []
@@ -76,8 +107,7 @@ def test_readme_steps_run_as_written(tmp_path):
             if argv[0] == "curl":
                 responses.append(post(argv[-1], argv[argv.index("-d") + 1]))
                 if len(responses) == 1:
-                    wait_for(lambda: query(project / "db.sqlite3",
-                                           "SELECT count(*) FROM shop_receipt")[0][0] == 1,
+                    wait_for(lambda: query("SELECT count(*) FROM shop_receipt")[0][0] == 1,
                              timeout=60, message="the receipt")
                 continue
             if argv[0] == "python":
@@ -98,8 +128,7 @@ def test_readme_steps_run_as_written(tmp_path):
                 continue
             if argv[-1] == "status":
                 # The failed view's job must never show up: let the worker settle first.
-                wait_for(lambda: query(project / "db.sqlite3",
-                                       "SELECT count(*) FROM reliable_job_outbox")[0][0] == 0,
+                wait_for(lambda: query("SELECT count(*) FROM reliable_job_outbox")[0][0] == 0,
                          timeout=60, message="the outbox to empty")
             done = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True,
                                   timeout=120)
@@ -116,9 +145,8 @@ def test_readme_steps_run_as_written(tmp_path):
     assert created_status == 201
     order = json.loads(created)
     assert failed_status == 500
-    db = project / "db.sqlite3"
-    assert query(db, "SELECT id, item FROM shop_order") == [(order["order"], "book")]
-    assert query(db, "SELECT order_id, task_id FROM shop_receipt") == [(order["order"], order["job"])]
+    assert query("SELECT id, item FROM shop_order") == [(order["order"], "book")]
+    assert query("SELECT order_id, task_id FROM shop_receipt") == [(order["order"], order["job"])]
     assert outputs[-1].splitlines()[:3] == ["pending: 0", "sent (awaiting completion): 0", "dead: 0"]
 
 
