@@ -16,11 +16,13 @@ from sqlalchemy import (
     Insert,
     MetaData,
     Table,
+    bindparam,
     create_engine,
     delete,
     event,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -82,6 +84,8 @@ def _dispose_after_fork(engine: Engine) -> None:
 
 
 class _Claim:
+    """A claim by ``SELECT``: rows are marked as the relay reports them (SQLite, others)."""
+
     def __init__(self, db: SQLAlchemyDatabase, conn: Connection, rows: list[ClaimedRow]) -> None:
         self._db = db
         self._conn = conn
@@ -109,6 +113,60 @@ class _Claim:
         else:
             values["available_at"] = now + timedelta(seconds=retry_in)
         self._conn.execute(update(t).where(t.c.id == row.id).values(**values))
+
+    def finish(self) -> None:
+        """Nothing to undo: unmarked rows were never changed."""
+
+
+class _SentClaim:
+    """A claim by ``UPDATE ... RETURNING`` (PostgreSQL): one statement locks the rows and marks
+    them sent, in the claim's transaction, so a pass is claim -> publish -> COMMIT. Rows the relay
+    reports failed, or does not report, are put back as they were before the COMMIT; a crash or
+    an outage rolls everything back, exactly as with a claim by ``SELECT``."""
+
+    def __init__(
+        self, db: SQLAlchemyDatabase, conn: Connection, rows: list[ClaimedRow],
+        before: dict[int, tuple[Any, Any]],
+    ) -> None:
+        self._db = db
+        self._conn = conn
+        self.rows = rows
+        self._before = before
+        """``id -> (sent_at, available_at)`` as they were before the claim."""
+        self._settled: set[int] = set()
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        self._settled.update(ids)  # the claim marked them already
+
+    def mark_failed(self, row: ClaimedRow, error: str, *, retry_in: float | None) -> None:
+        t = self._db.table
+        now = utcnow()
+        sent_at, available_at = self._before[row.id]
+        values: dict[str, Any] = {
+            "attempts": row.attempts + 1, "last_error": error, "updated_at": now,
+            "sent_at": sent_at,
+        }
+        if retry_in is None:
+            values.update(state=schema.DEAD, available_at=available_at)
+        else:
+            values.update(state=schema.PENDING, available_at=now + timedelta(seconds=retry_in))
+        self._conn.execute(update(t).where(t.c.id == row.id).values(**values))
+        self._settled.add(row.id)
+
+    def finish(self) -> None:
+        t = self._db.table
+        unsettled = [row for row in self.rows if row.id not in self._settled]
+        if not unsettled:
+            return
+        self._conn.execute(
+            update(t).where(t.c.id == bindparam("row_id")).values(
+                state=schema.PENDING, attempts=bindparam("old_attempts"),
+                sent_at=bindparam("old_sent_at"), available_at=bindparam("old_available_at"),
+            ),
+            [{"row_id": row.id, "old_attempts": row.attempts,
+              "old_sent_at": self._before[row.id][0],
+              "old_available_at": self._before[row.id][1]} for row in unsettled],
+        )
 
 
 class _Writer:
@@ -150,6 +208,36 @@ class SQLAlchemyDatabase:
             metadata.tables.get(settings.table_name) if metadata is not None else None
         ) or _table(settings.table_name)
         self._inserts: dict[str, Insert] = {}
+        t = self.table
+        # The state is a literal, not a parameter: a prepared (generic) plan must still match
+        # the partial index's predicate (state = 'pending').
+        publishable = (
+            select(t.c.id)
+            .where(t.c.state == literal_column(f"'{schema.PENDING}'"))
+            .where(or_(t.c.available_at.is_(None), t.c.available_at <= bindparam("now")))
+            .order_by(t.c.id)
+            .limit(bindparam("limit"))
+        )
+        self._claim_select = publishable.with_only_columns(
+            t.c.id, t.c.job_id, t.c.message, t.c.attempts
+        )
+        """The claim by SELECT (SQLite: one writer at a time, BEGIN IMMEDIATE)."""
+        picked = (
+            publishable.add_columns(t.c.sent_at.label("old_sent_at"),
+                                    t.c.available_at.label("old_available_at"))
+            .with_for_update(skip_locked=True)
+            .subquery("picked")
+        )
+        self._claim_sent = (
+            update(t)
+            .where(t.c.id == picked.c.id)
+            .values(state=schema.SENT, sent_at=bindparam("now"), updated_at=bindparam("now"),
+                    available_at=None, attempts=t.c.attempts + 1)
+            .returning(t.c.id, t.c.job_id, t.c.message, t.c.attempts, picked.c.old_sent_at,
+                       picked.c.old_available_at)
+        )
+        """The claim on PostgreSQL: lock up to ``limit`` publishable rows nobody else holds (SKIP
+        LOCKED, through the partial index) and mark them sent, in one statement."""
         self.stager = Stager(
             adapt=self.writer_for,
             own_transaction=lambda: _OwnTransactionWriter(self),
@@ -201,22 +289,31 @@ class SQLAlchemyDatabase:
     # -- the store (relay, completion, CLI) -------------------------------------------------------
 
     @contextmanager
-    def claim(self, limit: int) -> Iterator[_Claim]:
-        t = self.table
+    def claim(self, limit: int) -> Iterator[_Claim | _SentClaim]:
         now = utcnow()
-        stmt = (
-            select(t.c.id, t.c.job_id, t.c.message, t.c.attempts)
-            .where(t.c.state == schema.PENDING)
-            .where(or_(t.c.available_at.is_(None), t.c.available_at <= now))
-            .order_by(t.c.id)
-            .limit(limit)
-        )
-        if self.engine.dialect.name != "sqlite":
-            stmt = stmt.with_for_update(skip_locked=True)
         with self._unavailable_as_error(), self._claim_engine.begin() as conn:
-            rows = [ClaimedRow(r.id, r.job_id, r.message, r.attempts)
-                    for r in conn.execute(stmt)]
-            yield _Claim(self, conn, rows)
+            claim: _Claim | _SentClaim
+            if conn.dialect.name == "postgresql":
+                rows: list[ClaimedRow] = []
+                before: dict[int, tuple[Any, Any]] = {}
+                for row_id, job_id, message, attempts, sent_at, available_at in conn.execute(
+                    self._claim_sent, {"now": now, "limit": limit}
+                ):
+                    rows.append(ClaimedRow(row_id, job_id, message, attempts - 1))
+                    before[row_id] = (sent_at, available_at)
+                rows.sort(key=lambda row: row.id)
+                claim = _SentClaim(self, conn, rows, before)
+            else:
+                rows = [ClaimedRow(*r) for r in conn.execute(
+                    self._claim_select, {"now": now, "limit": limit}
+                )]
+                claim = _Claim(self, conn, rows)
+            yield claim
+            claim.finish()
+
+    def claim_query(self, dialect: str = "postgresql") -> Any:
+        """The statement a claim runs on ``dialect`` (for EXPLAIN): bind ``now`` and ``limit``."""
+        return self._claim_sent if dialect == "postgresql" else self._claim_select
 
     def complete(self, job_id: str) -> int:
         with self._unavailable_as_error(), self.engine.begin() as conn:
