@@ -79,3 +79,8 @@ def validate_table_name(name: str) -> str:
             "starting with a letter or underscore, at most 51 characters"
         )
     return name
+
+
+def notify_channel(table_name: str) -> str:
+    """The PostgreSQL ``LISTEN``/``NOTIFY`` channel that wakes the relays of ``table_name``."""
+    return f"{validate_table_name(table_name)}_staged"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -34,7 +34,7 @@ from reliable_job import schema
 from reliable_job.errors import ConfigurationError, DatabaseUnavailable, StagingError
 from reliable_job.ports import ClaimedRow, OutboxStatus, OutboxWriter, StagedJob
 from reliable_job.settings import Settings
-from reliable_job.staging import Stager
+from reliable_job.staging import NotifyThrottle, Stager
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,8 @@ class _Writer:
     def write(self, jobs: Sequence[StagedJob]) -> None:
         with self._db.staging_errors():
             self._target.execute(self._db.insert_statement(self._dialect), self._db.rows(jobs))
+            if self._dialect == "postgresql" and self._db.stager.notify_due():
+                self._target.execute(self._db.notify_statement)
 
 
 class _OwnTransactionWriter:
@@ -188,8 +190,60 @@ class _OwnTransactionWriter:
 
     def write(self, jobs: Sequence[StagedJob]) -> None:
         engine = self._db.engine
+        dialect = engine.dialect.name
         with self._db.staging_errors(), engine.begin() as conn:
-            conn.execute(self._db.insert_statement(engine.dialect.name), self._db.rows(jobs))
+            conn.execute(self._db.insert_statement(dialect), self._db.rows(jobs))
+            if dialect == "postgresql" and self._db.stager.notify_due():
+                conn.execute(self._db.notify_statement)
+
+
+class _PostgresListener:
+    """``LISTEN`` on a connection of its own (autocommit, outside the pool), for one relay."""
+
+    def __init__(self, engine: Engine, channel: str) -> None:
+        import socket
+
+        from psycopg import sql
+
+        self._proxy = engine.raw_connection()
+        self._proxy.detach()  # never goes back to the pool; closed with the listener
+        try:
+            conn: Any = self._proxy.dbapi_connection
+            conn.rollback()
+            conn.autocommit = True
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            self._conn = conn
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+        except BaseException:
+            self._proxy.close()
+            raise
+
+    def wait(self, timeout: float) -> bool:
+        import select
+
+        fd = self._conn.fileno()
+        ready, _, _ = select.select([fd, self._wake_r], [], [], timeout)
+        if self._wake_r in ready:
+            with suppress(BlockingIOError):
+                self._wake_r.recv(4096)
+        notified = False
+        if fd in ready:
+            for _ in self._conn.notifies(timeout=0):
+                notified = True
+        return notified
+
+    def interrupt(self) -> None:
+        with suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def close(self) -> None:
+        try:
+            self._proxy.close()
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
 
 
 class SQLAlchemyDatabase:
@@ -242,7 +296,11 @@ class SQLAlchemyDatabase:
             adapt=self.writer_for,
             own_transaction=lambda: _OwnTransactionWriter(self),
             session_provider=settings.session,
+            notify=NotifyThrottle(settings.notify_interval) if settings.listen_notify else None,
         )
+        self.notify_channel = schema.notify_channel(self.table.name)
+        self.notify_statement = select(func.pg_notify(self.notify_channel, ""))
+        """Wakes the relays (PostgreSQL), when :meth:`Stager.notify_due` says so."""
 
     # -- staging -------------------------------------------------------------------------------
 
@@ -310,6 +368,18 @@ class SQLAlchemyDatabase:
                 claim = _Claim(self, conn, rows)
             yield claim
             claim.finish()
+
+    def listener(self) -> _PostgresListener | None:
+        """A relay's :class:`~reliable_job.ports.Wakeup`: ``LISTEN`` on PostgreSQL (psycopg 3);
+        ``None`` on SQLite (it polls). Raises when listening fails."""
+        if not self.settings.listen_notify or self.engine.dialect.name != "postgresql":
+            return None
+        if self.engine.dialect.driver != "psycopg":
+            raise ConfigurationError(
+                f"LISTEN needs the psycopg (3) driver, not {self.engine.dialect.driver}"
+            )
+        with self._unavailable_as_error():
+            return _PostgresListener(self.engine, self.notify_channel)
 
     def claim_query(self, dialect: str = "postgresql") -> Any:
         """The statement a claim runs on ``dialect`` (for EXPLAIN): bind ``now`` and ``limit``."""
