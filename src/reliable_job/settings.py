@@ -43,7 +43,7 @@ class Settings:
     """On PostgreSQL, staging wakes idle relays with ``NOTIFY`` (at most one per process every
     ``notify_interval`` seconds) and relays ``LISTEN``; polling stays the fallback. Turn it off
     where ``LISTEN`` cannot work, e.g. behind PgBouncer in transaction pooling mode."""
-    notify_interval: float = 0.05
+    notify_interval: float = 0.002
     """Shortest time, in seconds, between two ``NOTIFY`` from one process. A relay keeps polling
     quickly (``hot_poll``) for a second after a wake-up or a busy pass, so the jobs staged in
     between are not left waiting; fewer NOTIFY means less contention at commit."""
