@@ -138,3 +138,39 @@ def test_concurrent_claims_skip_locked_rows_on_postgresql(postgres_url, table_na
     finally:
         db.table.drop(db.engine)
         db.engine.dispose()
+
+
+def test_completion_survives_a_lost_connection_and_a_fork_on_postgresql(postgres_url, table_name):
+    """Completion keeps one autocommit connection per process: a server-side disconnect costs a
+    retry on a new connection, and a forked child never uses (or closes) its parent's."""
+    import os
+
+    from sqlalchemy import text
+
+    db = SQLAlchemyDatabase(Settings(database_url=postgres_url, table_name=table_name))
+    db.create_table()
+    try:
+        stage(db, [job(i) for i in range(4)])
+        assert db.complete("job-0") == 1
+        with db.engine.begin() as conn:
+            killed = conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'DELETE FROM %' AND pid <> pg_backend_pid()"
+            )).scalars().all()
+        assert killed and all(killed)
+        assert db.complete("job-1") == 1, "retried on a new connection"
+
+        pid = os.fork()
+        if pid == 0:  # the child: its own connection; exit without running any cleanup
+            try:
+                os._exit(0 if db.complete("job-2") == 1 else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert db.complete("job-3") == 1, "the parent's connection still works"
+        assert db.status().as_dict()["pending"] == 0
+    finally:
+        db.close()
+        db.table.drop(db.engine)
+        db.engine.dispose()

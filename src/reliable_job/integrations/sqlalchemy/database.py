@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta, timezone
@@ -37,6 +38,10 @@ from reliable_job.settings import Settings
 from reliable_job.staging import NotifyThrottle, Stager
 
 logger = logging.getLogger(__name__)
+
+
+_INHERITED: list[Any] = []
+"""Connections a forked child inherited from its parent: kept alive, never touched."""
 
 
 def utcnow() -> datetime:
@@ -298,6 +303,9 @@ class SQLAlchemyDatabase:
             session_provider=settings.session,
             notify=NotifyThrottle(settings.notify_interval) if settings.listen_notify else None,
         )
+        self._delete_job = delete(t).where(t.c.job_id == bindparam("job_id"))
+        self._completion: tuple[int, Connection] | None = None
+        self._completion_lock = threading.Lock()
         self.notify_channel = schema.notify_channel(self.table.name)
         self.notify_statement = select(func.pg_notify(self.notify_channel, ""))
         """Wakes the relays (PostgreSQL), when :meth:`Stager.notify_due` says so."""
@@ -386,8 +394,47 @@ class SQLAlchemyDatabase:
         return self._claim_sent if dialect == "postgresql" else self._claim_select
 
     def complete(self, job_id: str) -> int:
-        with self._unavailable_as_error(), self.engine.begin() as conn:
-            return conn.execute(delete(self.table).where(self.table.c.job_id == job_id)).rowcount
+        if self.engine.dialect.name != "postgresql":
+            with self._unavailable_as_error(), self.engine.begin() as conn:
+                return conn.execute(self._delete_job, {"job_id": job_id}).rowcount
+        # The worker deletes one row per finished task: one autocommit DELETE on a connection
+        # the process keeps (no pool checkout, ping, BEGIN or COMMIT round trips).
+        with self._completion_lock:
+            for attempt in (1, 2):
+                conn = self._completion_connection()
+                try:
+                    return conn.execute(self._delete_job, {"job_id": job_id}).rowcount
+                except DBAPIError as exc:
+                    self._drop_completion_connection()
+                    if attempt == 1 and exc.connection_invalidated:
+                        continue  # a stale connection (server restart): once more on a new one
+                    raise DatabaseUnavailable(f"outbox database error: {exc.orig or exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _completion_connection(self) -> Connection:
+        held = self._completion
+        if held is not None and held[0] == os.getpid():
+            return held[1]
+        if held is not None:
+            # Inherited through fork: the parent's socket. Never used nor closed here (closing
+            # would end the parent's session); kept referenced so it is never garbage collected.
+            _INHERITED.append(held[1])
+        with self._unavailable_as_error():
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._completion = (os.getpid(), conn)
+        return conn
+
+    def _drop_completion_connection(self) -> None:
+        held, self._completion = self._completion, None
+        if held is not None and held[0] == os.getpid():
+            with suppress(Exception):
+                held[1].invalidate()
+                held[1].close()
+
+    def close(self) -> None:
+        """Release the connection completion keeps (PostgreSQL)."""
+        with self._completion_lock:
+            self._drop_completion_connection()
 
     def bury(self, job_id: str, error: str) -> int:
         t = self.table
