@@ -174,3 +174,28 @@ def test_completion_survives_a_lost_connection_and_a_fork_on_postgresql(postgres
         db.close()
         db.table.drop(db.engine)
         db.engine.dispose()
+
+
+def test_claims_walk_the_pending_index_even_before_analyze_on_postgresql(postgres_url, table_name):
+    """On a table PostgreSQL has no statistics for yet (fresh, a burst of inserts), the claim still
+    walks ix_<table>_pending in id order instead of fetching and sorting every pending row."""
+    from sqlalchemy import text
+
+    db = SQLAlchemyDatabase(Settings(database_url=postgres_url, table_name=table_name))
+    db.create_table()
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(text(
+                f"INSERT INTO {table_name} (job_id, task_name, queue, message, created_at, "
+                "updated_at) SELECT 'j' || g, 't', 'q', 'm', now(), now() "
+                "FROM generate_series(1, 20000) g"
+            ))
+        plan = "\n".join(db.explain_claim(500))
+        assert f"Index Scan using ix_{table_name}_pending" in plan, plan
+        assert "Sort" not in plan and "Seq Scan" not in plan, plan
+        with db.claim(500) as claim:
+            assert [r.job_id for r in claim.rows][:3] == ["j1", "j2", "j3"]
+            claim.mark_sent([r.id for r in claim.rows])
+    finally:
+        db.table.drop(db.engine)
+        db.engine.dispose()

@@ -40,6 +40,13 @@ from reliable_job.staging import NotifyThrottle, Stager
 logger = logging.getLogger(__name__)
 
 
+_CLAIM_PLAN = "SET LOCAL enable_sort = off"
+"""Claims walk the partial index ``ix_<table>_pending`` in id order, whatever the statistics say.
+
+Without it, on a table not analyzed yet (a fresh table, a burst of inserts before autovacuum's
+ANALYZE) the planner may fetch every pending row through ``ix_<table>_state`` and sort them all
+for each batch. ``SET LOCAL`` lasts for the claim's transaction only."""
+
 _INHERITED: list[Any] = []
 """Connections a forked child inherited from its parent: kept alive, never touched."""
 
@@ -360,6 +367,7 @@ class SQLAlchemyDatabase:
         with self._unavailable_as_error(), self._claim_engine.begin() as conn:
             claim: _Claim | _SentClaim
             if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(_CLAIM_PLAN)
                 rows: list[ClaimedRow] = []
                 before: dict[int, tuple[Any, Any]] = {}
                 for row_id, job_id, message, attempts, sent_at, available_at in conn.execute(
@@ -390,8 +398,19 @@ class SQLAlchemyDatabase:
             return _PostgresListener(self.engine, self.notify_channel)
 
     def claim_query(self, dialect: str = "postgresql") -> Any:
-        """The statement a claim runs on ``dialect`` (for EXPLAIN): bind ``now`` and ``limit``."""
+        """The statement a claim runs on ``dialect``: bind ``now`` and ``limit``."""
         return self._claim_sent if dialect == "postgresql" else self._claim_select
+
+    def explain_claim(self, limit: int = 500) -> list[str]:
+        """PostgreSQL's plan for a claim of ``limit`` rows, as the relay runs it (same statement,
+        same planner settings), without running it."""
+        compiled = self._claim_sent.compile(dialect=self.engine.dialect)
+        params = dict(compiled.params, now=utcnow(), limit=limit)
+        with self._unavailable_as_error(), self.engine.connect() as conn:
+            conn.exec_driver_sql(_CLAIM_PLAN)
+            plan = conn.exec_driver_sql(f"EXPLAIN {compiled.string}", params).scalars().all()
+            conn.rollback()
+        return [str(line) for line in plan]
 
     def complete(self, job_id: str) -> int:
         if self.engine.dialect.name != "postgresql":
