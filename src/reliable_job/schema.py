@@ -59,7 +59,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("available_at", "timestamp", nullable=True, doc="Earliest next publish attempt."),
     Column("created_at", "timestamp", doc="When the job was staged."),
     Column("eta", "timestamp", nullable=True, doc="When the job is due (countdown/eta), if set."),
-    Column("sent_at", "timestamp", nullable=True, doc="When the relay last published it."),
+    Column("sent_at", "timestamp", nullable=True, doc="When the relay last claimed it to publish."),
     Column("updated_at", "timestamp", doc="Last state change."),
 )
 

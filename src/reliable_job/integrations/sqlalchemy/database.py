@@ -17,6 +17,7 @@ from sqlalchemy import (
     Insert,
     MetaData,
     Table,
+    any_,
     bindparam,
     create_engine,
     delete,
@@ -48,6 +49,11 @@ ANALYZE) the planner may fetch every pending row through ``ix_<table>_state`` an
 for each batch. ``SET LOCAL`` lasts for the claim's transaction only."""
 
 _INHERITED: list[Any] = []
+
+
+def _row_id(row: ClaimedRow) -> int:
+    return row.id
+
 """Connections a forked child inherited from its parent: kept alive, never touched."""
 
 
@@ -133,18 +139,13 @@ class _Claim:
 class _SentClaim:
     """A claim by ``UPDATE ... RETURNING`` (PostgreSQL): one statement locks the rows and marks
     them sent, in the claim's transaction, so a pass is claim -> publish -> COMMIT. Rows the relay
-    reports failed, or does not report, are put back as they were before the COMMIT; a crash or
-    an outage rolls everything back, exactly as with a claim by ``SELECT``."""
+    reports failed, or does not report, are put back to pending (or dead) before the COMMIT; a
+    crash or an outage rolls everything back, exactly as with a claim by ``SELECT``."""
 
-    def __init__(
-        self, db: SQLAlchemyDatabase, conn: Connection, rows: list[ClaimedRow],
-        before: dict[int, tuple[Any, Any]],
-    ) -> None:
+    def __init__(self, db: SQLAlchemyDatabase, conn: Connection, rows: list[ClaimedRow]) -> None:
         self._db = db
         self._conn = conn
         self.rows = rows
-        self._before = before
-        """``id -> (sent_at, available_at)`` as they were before the claim."""
         self._settled: set[int] = set()
 
     def mark_sent(self, ids: Sequence[int]) -> None:
@@ -153,13 +154,11 @@ class _SentClaim:
     def mark_failed(self, row: ClaimedRow, error: str, *, retry_in: float | None) -> None:
         t = self._db.table
         now = utcnow()
-        sent_at, available_at = self._before[row.id]
         values: dict[str, Any] = {
             "attempts": row.attempts + 1, "last_error": error, "updated_at": now,
-            "sent_at": sent_at,
         }
         if retry_in is None:
-            values.update(state=schema.DEAD, available_at=available_at)
+            values["state"] = schema.DEAD
         else:
             values.update(state=schema.PENDING, available_at=now + timedelta(seconds=retry_in))
         self._conn.execute(update(t).where(t.c.id == row.id).values(**values))
@@ -172,12 +171,9 @@ class _SentClaim:
             return
         self._conn.execute(
             update(t).where(t.c.id == bindparam("row_id")).values(
-                state=schema.PENDING, attempts=bindparam("old_attempts"),
-                sent_at=bindparam("old_sent_at"), available_at=bindparam("old_available_at"),
+                state=schema.PENDING, attempts=bindparam("old_attempts"), available_at=None,
             ),
-            [{"row_id": row.id, "old_attempts": row.attempts,
-              "old_sent_at": self._before[row.id][0],
-              "old_available_at": self._before[row.id][1]} for row in unsettled],
+            [{"row_id": row.id, "old_attempts": row.attempts} for row in unsettled],
         )
 
 
@@ -288,19 +284,16 @@ class SQLAlchemyDatabase:
             t.c.id, t.c.job_id, t.c.message, t.c.attempts
         )
         """The claim by SELECT (SQLite: one writer at a time, BEGIN IMMEDIATE)."""
-        picked = (
-            publishable.add_columns(t.c.sent_at.label("old_sent_at"),
-                                    t.c.available_at.label("old_available_at"))
-            .with_for_update(skip_locked=True)
-            .subquery("picked")
-        )
+        # ARRAY(subquery) is an InitPlan: run exactly once, then the update reaches its rows
+        # through the primary key. (A join with the subquery can be planned as a nested loop
+        # rescanning it for every row of the table when the statistics are off.)
+        picked = func.array(publishable.with_for_update(skip_locked=True).scalar_subquery())
         self._claim_sent = (
             update(t)
-            .where(t.c.id == picked.c.id)
+            .where(t.c.id == any_(picked))
             .values(state=schema.SENT, sent_at=bindparam("now"), updated_at=bindparam("now"),
                     available_at=None, attempts=t.c.attempts + 1)
-            .returning(t.c.id, t.c.job_id, t.c.message, t.c.attempts, picked.c.old_sent_at,
-                       picked.c.old_available_at)
+            .returning(t.c.id, t.c.job_id, t.c.message, t.c.attempts)
         )
         """The claim on PostgreSQL: lock up to ``limit`` publishable rows nobody else holds (SKIP
         LOCKED, through the partial index) and mark them sent, in one statement."""
@@ -368,15 +361,13 @@ class SQLAlchemyDatabase:
             claim: _Claim | _SentClaim
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql(_CLAIM_PLAN)
-                rows: list[ClaimedRow] = []
-                before: dict[int, tuple[Any, Any]] = {}
-                for row_id, job_id, message, attempts, sent_at, available_at in conn.execute(
-                    self._claim_sent, {"now": now, "limit": limit}
-                ):
-                    rows.append(ClaimedRow(row_id, job_id, message, attempts - 1))
-                    before[row_id] = (sent_at, available_at)
-                rows.sort(key=lambda row: row.id)
-                claim = _SentClaim(self, conn, rows, before)
+                rows = sorted((
+                    ClaimedRow(row_id, job_id, message, attempts - 1)
+                    for row_id, job_id, message, attempts in conn.execute(
+                        self._claim_sent, {"now": now, "limit": limit}
+                    )
+                ), key=_row_id)
+                claim = _SentClaim(self, conn, rows)
             else:
                 rows = [ClaimedRow(*r) for r in conn.execute(
                     self._claim_select, {"now": now, "limit": limit}
