@@ -186,10 +186,10 @@ class _Writer:
         self._dialect = dialect
 
     def write(self, jobs: Sequence[StagedJob]) -> None:
+        notify = self._dialect == "postgresql" and self._db.stager.notify_due()
         with self._db.staging_errors():
-            self._target.execute(self._db.insert_statement(self._dialect), self._db.rows(jobs))
-            if self._dialect == "postgresql" and self._db.stager.notify_due():
-                self._target.execute(self._db.notify_statement)
+            self._target.execute(self._db.insert_statement(self._dialect, notify),
+                                 self._db.rows(jobs, notify))
 
 
 class _OwnTransactionWriter:
@@ -199,10 +199,9 @@ class _OwnTransactionWriter:
     def write(self, jobs: Sequence[StagedJob]) -> None:
         engine = self._db.engine
         dialect = engine.dialect.name
+        notify = dialect == "postgresql" and self._db.stager.notify_due()
         with self._db.staging_errors(), engine.begin() as conn:
-            conn.execute(self._db.insert_statement(dialect), self._db.rows(jobs))
-            if dialect == "postgresql" and self._db.stager.notify_due():
-                conn.execute(self._db.notify_statement)
+            conn.execute(self._db.insert_statement(dialect, notify), self._db.rows(jobs, notify))
 
 
 class _PostgresListener:
@@ -269,7 +268,7 @@ class SQLAlchemyDatabase:
         self.table: Table = (
             metadata.tables.get(settings.table_name) if metadata is not None else None
         ) or _table(settings.table_name)
-        self._inserts: dict[str, Insert] = {}
+        self._inserts: dict[tuple[str, bool], Insert] = {}
         t = self.table
         # The state is a literal, not a parameter: a prepared (generic) plan must still match
         # the partial index's predicate (state = 'pending').
@@ -307,32 +306,39 @@ class SQLAlchemyDatabase:
         self._completion: tuple[int, Connection] | None = None
         self._completion_lock = threading.Lock()
         self.notify_channel = schema.notify_channel(self.table.name)
-        self.notify_statement = select(func.pg_notify(self.notify_channel, ""))
-        """Wakes the relays (PostgreSQL), when :meth:`Stager.notify_due` says so."""
 
     # -- staging -------------------------------------------------------------------------------
 
-    def insert_statement(self, dialect: str) -> Insert:
-        stmt = self._inserts.get(dialect)
+    def insert_statement(self, dialect: str, notify: bool = False) -> Insert:
+        """The staging INSERT; with ``notify`` (PostgreSQL) it also wakes the relays, in the same
+        statement: ``updated_at`` is read through ``pg_notify`` (no extra round trip). Its rows
+        come from :meth:`rows` with the same ``notify``."""
+        stmt = self._inserts.get((dialect, notify))
         if stmt is None:
             if dialect == "postgresql":
                 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-                stmt = pg_insert(self.table).on_conflict_do_nothing(index_elements=["job_id"])
+                pg = pg_insert(self.table)
+                if notify:
+                    staged_at = bindparam("staged_at", type_=self.table.c.updated_at.type)
+                    pg = pg.values(updated_at=select(staged_at).select_from(
+                        func.pg_notify(self.notify_channel, "")).scalar_subquery())
+                stmt = pg.on_conflict_do_nothing(index_elements=["job_id"])
             elif dialect == "sqlite":
                 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
                 stmt = sqlite_insert(self.table).on_conflict_do_nothing(index_elements=["job_id"])
             else:
                 stmt = insert(self.table)
-            self._inserts[dialect] = stmt
+            self._inserts[(dialect, notify)] = stmt
         return stmt
 
-    def rows(self, jobs: Sequence[StagedJob]) -> list[dict[str, Any]]:
+    def rows(self, jobs: Sequence[StagedJob], notify: bool = False) -> list[dict[str, Any]]:
         now = utcnow()
+        last = "staged_at" if notify else "updated_at"
         return [
             {"job_id": j.job_id, "task_name": j.task_name, "queue": j.queue,
-             "message": j.message, "eta": j.eta, "created_at": now, "updated_at": now}
+             "message": j.message, "eta": j.eta, "created_at": now, last: now}
             for j in jobs
         ]
 
