@@ -49,12 +49,11 @@ ANALYZE) the planner may fetch every pending row through ``ix_<table>_state`` an
 for each batch. ``SET LOCAL`` lasts for the claim's transaction only."""
 
 _INHERITED: list[Any] = []
+"""Connections a forked child inherited from its parent: kept alive, never touched."""
 
 
 def _row_id(row: ClaimedRow) -> int:
     return row.id
-
-"""Connections a forked child inherited from its parent: kept alive, never touched."""
 
 
 def utcnow() -> datetime:
