@@ -14,8 +14,8 @@ from reliable_job.completion import Completion
 from reliable_job.ports import StagedJob
 from reliable_job.relay import Relay
 from reliable_job.schema import DEAD, PENDING, SENT, validate_table_name
-from reliable_job.staging import Stager
-from reliable_job.testing import InMemoryBroker, InMemoryStore
+from reliable_job.staging import NotifyThrottle, Stager
+from reliable_job.testing import InMemoryBroker, InMemoryStore, InMemoryWakeup
 
 
 def jobs(n: int, prefix: str = "job") -> list[StagedJob]:
@@ -230,3 +230,102 @@ def test_redelivery_waits_for_the_eta(store, broker):
     store.rows[1].sent_at -= 100
     relay.redeliver_due()
     assert store.rows[1].state == SENT
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    """Generous waits for behaviour (a relay thread doing something), never timing asserts."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def start(relay: Relay) -> threading.Thread:
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_notification_wakes_a_relay_with_a_long_poll_interval(store, broker):
+    """Idle with poll_interval=30 s, the relay publishes a job as soon as it is notified; stop()
+    ends its wait at once."""
+    wakeup = InMemoryWakeup()
+    relay = Relay(store, broker, poll_interval=30, listen=lambda: wakeup)
+    thread = start(relay)
+    wait_until(lambda: relay.listening)
+    store.write(jobs(1))
+    wakeup.notify()
+    wait_until(lambda: broker.published == ["message-job-0"])
+    assert relay.wakeups == 1
+    relay.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert wakeup.closed
+
+
+def test_without_notifications_a_busy_relay_polls_quickly_then_slowly(store, broker):
+    """After a pass that found rows the relay polls every hot_poll for hot_window seconds, so a
+    job staged without a notification is still picked up; then it waits poll_interval."""
+    waits: list[float] = []
+    now = [0.0]
+
+    def wait(event, seconds):
+        waits.append(seconds)
+        now[0] += seconds
+        if len(waits) > 300:
+            relay.stop()
+
+    relay = Relay(store, broker, poll_interval=30, hot_poll=0.01, hot_window=1.0, wait=wait,
+                  clock=lambda: now[0])
+    store.write(jobs(1))
+    relay.run()
+    assert broker.published == ["message-job-0"]
+    assert waits[:99] == [0.01] * 99
+    assert waits[-1] == 30
+
+
+def test_a_relay_that_cannot_listen_polls_and_says_so(store, broker, caplog):
+    """A failure to LISTEN (or a lost listening connection) falls back to polling, with a log
+    line; the relay listens again later."""
+    attempts: list[InMemoryWakeup] = []
+
+    def listen():
+        if not attempts:
+            attempts.append(InMemoryWakeup())
+            raise ConnectionError("LISTEN refused (fake)")
+        wakeup = InMemoryWakeup()
+        attempts.append(wakeup)
+        return wakeup
+
+    relay = Relay(store, broker, poll_interval=0.01, listen=listen, listen_retry=0.05)
+    with caplog.at_level(logging.WARNING, logger="reliable_job.relay"):
+        thread = start(relay)
+        store.write(jobs(2))
+        wait_until(lambda: len(broker.published) == 2)
+        wait_until(lambda: relay.listening)
+        attempts[-1].broken = True
+        wait_until(lambda: len(attempts) == 3 and relay.listening)
+        store.write(jobs(1, "later"))
+        wait_until(lambda: len(broker.published) == 3)
+        relay.stop()
+        thread.join(timeout=10)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot listen" in m for m in messages) == 1
+    assert sum("stopped listening" in m for m in messages) == 1
+    assert sum("listening for new jobs again" in m for m in messages) == 2
+
+
+def test_notify_throttle_allows_one_wakeup_per_interval():
+    """Staging notifies at most once per interval from one process."""
+    now = [100.0]
+    throttle = NotifyThrottle(0.05, clock=lambda: now[0])
+    assert throttle.due()
+    assert not throttle.due()
+    now[0] += 0.049
+    assert not throttle.due()
+    now[0] += 0.002
+    assert throttle.due()
+    stager = Stager(adapt=lambda t, e: None, own_transaction=lambda: None)  # type: ignore[arg-type,return-value]
+    assert not stager.notify_due(), "no throttle: wake-ups are off"

@@ -73,6 +73,9 @@ def test_relays_killed_mid_batch_lose_nothing(services, celery_app, engine, outb
     assert interrupted, "every kill came after the backlog was drained"
 
     final = services.relay(RELIABLE_JOB_BATCH_SIZE=str(batch))
+    # started first: the killed relays may have drained everything, and a relay stopped before
+    # it installs its signal handlers dies of the SIGTERM instead of exiting 0
+    wait_for(lambda: started(services, final), message="final relay started")
     wait_for(lambda: count_rows(engine, outbox, state="pending") == 0, timeout=60,
              message="the final relay to publish the rest")
     assert services.stop(final) == 0
@@ -135,6 +138,9 @@ def test_sigterm_and_sigint_finish_the_batch_and_exit_0(services, celery_app, en
         assert sorted(queued_ids(redis_url)) == sorted(job_ids_in_state(engine, outbox, "sent"))
 
     final = services.relay(RELIABLE_JOB_BATCH_SIZE=str(batch))
+    # started first: the killed relays may have drained everything, and a relay stopped before
+    # it installs its signal handlers dies of the SIGTERM instead of exiting 0
+    wait_for(lambda: started(services, final), message="final relay started")
     wait_for(lambda: count_rows(engine, outbox, state="sent") == total, timeout=60,
              message="the final relay to publish the rest")
     assert services.stop(final) == 0

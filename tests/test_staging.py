@@ -160,35 +160,113 @@ def test_same_task_id_twice_is_staged_once(celery_app, engine, outbox):
     assert [r.job_id for r in rows(engine, outbox)] == ["same-id"]
 
 
+def redis_snapshot(client) -> dict[bytes, object]:
+    """Every key in the test Redis with its content (lists, sets, strings)."""
+    snapshot: dict[bytes, object] = {}
+    for key in client.keys("*"):
+        kind = client.type(key)
+        if kind == b"list":
+            snapshot[key] = client.lrange(key, 0, -1)
+        elif kind == b"set":
+            snapshot[key] = client.smembers(key)
+        else:
+            snapshot[key] = client.get(key)
+    return snapshot
+
+
+def without_delivery_tag(raw: bytes) -> tuple[bytes, str]:
+    """The raw message with its delivery tag and its ``expires`` time (``apply_async`` makes it
+    from the call's clock) replaced by placeholders."""
+    message = json.loads(raw)
+    tag = message["properties"]["delivery_tag"]
+    expires = message["headers"]["expires"]
+    return raw.replace(tag.encode(), b"<tag>").replace(expires.encode(), b"<expires>"), tag
+
+
+@pytest.mark.parametrize("path", ["fast", "kombu", "v1-fast", "v1-kombu"])
+@pytest.mark.parametrize("priority", [None, 5])
 def test_relay_puts_in_redis_what_a_direct_apply_async_would(celery_app, engine, outbox, redis_url,
-                                                              monkeypatch):
-    """Routing, priority, headers, body and queue bookkeeping of a relayed message equal a direct
-    publish's."""
+                                                              monkeypatch, path, priority):
+    """A relayed message is byte for byte what a direct apply_async puts in Redis (but for its
+    fresh delivery tag): same payload, same key (priority queues included), same kombu binding
+    bookkeeping; through the Redis fast path and kombu's own path, from a v2 row and from a v1 row
+    staged by reliable-job 0.1."""
+    from reliable_job.integrations.celery import broker as broker_module
+    from reliable_job.integrations.celery.message import CapturedPublish
     from tests.apps.celery_app import record
 
+    if path.startswith("v1"):
+        monkeypatch.setattr(CapturedPublish, "to_json", CapturedPublish._to_json_v1)
     client = redis_lib.Redis.from_url(redis_url)
-    options = dict(task_id="same", queue="reports", priority=5, headers={"tenant": "t1"},
+    options = dict(task_id="same", queue="reports", priority=priority, headers={"tenant": "t1"},
                    expires=600, link=record.si("after"))
     with Session(engine) as session:
         record.apply_async(("x",), reliable_job_session=session, **options)
         session.commit()
+    [message] = [r[0] for r in Session(engine).execute(select(outbox.c.message)).all()]
+    assert json.loads(message)["v"] == (1 if path.startswith("v1") else 2)
+
     relay = celery_app.reliable_job.relay()
+    if path.endswith("kombu"):
+        relay.broker.fast_path = False
+    else:
+        def no_kombu(*args, **kwargs):
+            raise AssertionError("the fast path handed the message to kombu")
+
+        monkeypatch.setattr(broker_module.KombuBroker, "_publish_kombu", no_kombu)
     assert relay.run_once() == 1
     relay.broker.close()
-    keys = [k for k in client.keys("reports*") if client.type(k) == b"list"]
-    assert len(keys) == 1
+    monkeypatch.undo()
+    relayed = redis_snapshot(client)
     # kombu's queue bookkeeping, as a direct publish declares it (what Flower and inspect read)
     assert client.smembers("_kombu.binding.reports")
-    relayed = json.loads(client.lpop(keys[0]))
+    client.flushdb()
 
     monkeypatch.setattr(type(record._get_current_object()), "reliable_job", False)
-    record.apply_async(("x",), **options)
-    direct = json.loads(client.lpop(keys[0]))
-    for message in (relayed, direct):
-        message["properties"].pop("delivery_tag")
-        message["headers"].pop("expires")
-    assert relayed == direct
+    # on a fresh connection, which declares the queue as a first publish does
+    with celery_app.connection_for_write() as conn, conn.Producer() as producer:
+        record.apply_async(("x",), producer=producer, **options)
+    direct = redis_snapshot(client)
     client.close()
+
+    assert relayed.keys() == direct.keys()
+    queue_keys = [k for k, v in direct.items() if isinstance(v, list)]
+    expected_key = b"reports" if not priority else b"reports\x06\x163"
+    assert queue_keys == [expected_key]
+    [relayed_message] = relayed.pop(expected_key)
+    [direct_message] = direct.pop(expected_key)
+    for snapshot in (relayed, direct):
+        snapshot.pop(b"unacked_mutex", None)
+    assert relayed == direct
+    relayed_bytes, relayed_tag = without_delivery_tag(relayed_message)
+    direct_bytes, direct_tag = without_delivery_tag(direct_message)
+    assert relayed_bytes == direct_bytes
+    assert relayed_tag and relayed_tag != direct_tag
+
+
+def test_every_publish_gets_a_fresh_delivery_tag(celery_app, engine, outbox, redis_url):
+    """The delivery tag is made at publish time: two messages, or the same row published again
+    (redelivery), never share one."""
+    from tests.conftest import sql
+
+    client = redis_lib.Redis.from_url(redis_url)
+    stage_ids = [f"tag-{i}" for i in range(3)]
+    from tests.apps.celery_app import record
+
+    with Session(engine) as session:
+        for task_id in stage_ids:
+            record.apply_async(("x",), task_id=task_id, reliable_job_session=session)
+        session.commit()
+    relay = celery_app.reliable_job.relay()
+    assert relay.run_once() == 3
+    sql(engine, f"UPDATE {outbox.name} SET state = 'pending' WHERE job_id = 'tag-0'")
+    assert relay.run_once() == 1
+    relay.broker.close()
+    messages = [json.loads(m) for m in client.lrange("celery", 0, -1)]
+    client.close()
+    assert sorted(m["headers"]["id"] for m in messages) == ["tag-0", "tag-0", "tag-1", "tag-2"]
+    tags = [m["properties"]["delivery_tag"] for m in messages]
+    assert len(set(tags)) == 4
 
 
 def test_staging_needs_neither_broker_nor_result_backend(engine, outbox, database_url, table_name):

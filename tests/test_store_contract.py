@@ -138,3 +138,64 @@ def test_concurrent_claims_skip_locked_rows_on_postgresql(postgres_url, table_na
     finally:
         db.table.drop(db.engine)
         db.engine.dispose()
+
+
+def test_completion_survives_a_lost_connection_and_a_fork_on_postgresql(postgres_url, table_name):
+    """Completion keeps one autocommit connection per process: a server-side disconnect costs a
+    retry on a new connection, and a forked child never uses (or closes) its parent's."""
+    import os
+
+    from sqlalchemy import text
+
+    db = SQLAlchemyDatabase(Settings(database_url=postgres_url, table_name=table_name))
+    db.create_table()
+    try:
+        stage(db, [job(i) for i in range(4)])
+        assert db.complete("job-0") == 1
+        with db.engine.begin() as conn:
+            killed = conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'DELETE FROM %' AND pid <> pg_backend_pid()"
+            )).scalars().all()
+        assert killed and all(killed)
+        assert db.complete("job-1") == 1, "retried on a new connection"
+
+        pid = os.fork()
+        if pid == 0:  # the child: its own connection; exit without running any cleanup
+            try:
+                os._exit(0 if db.complete("job-2") == 1 else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert db.complete("job-3") == 1, "the parent's connection still works"
+        assert db.status().as_dict()["pending"] == 0
+    finally:
+        db.close()
+        db.table.drop(db.engine)
+        db.engine.dispose()
+
+
+def test_claims_walk_the_pending_index_even_before_analyze_on_postgresql(postgres_url, table_name):
+    """On a table PostgreSQL has no statistics for yet (fresh, a burst of inserts), the claim still
+    walks ix_<table>_pending in id order instead of fetching and sorting every pending row."""
+    from sqlalchemy import text
+
+    db = SQLAlchemyDatabase(Settings(database_url=postgres_url, table_name=table_name))
+    db.create_table()
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(text(
+                f"INSERT INTO {table_name} (job_id, task_name, queue, message, created_at, "
+                "updated_at) SELECT 'j' || g, 't', 'q', 'm', now(), now() "
+                "FROM generate_series(1, 20000) g"
+            ))
+        plan = "\n".join(db.explain_claim(500))
+        assert f"Index Scan using ix_{table_name}_pending" in plan, plan
+        assert "Sort" not in plan and "Seq Scan" not in plan, plan
+        with db.claim(500) as claim:
+            assert [r.job_id for r in claim.rows][:3] == ["j1", "j2", "j3"]
+            claim.mark_sent([r.id for r in claim.rows])
+    finally:
+        db.table.drop(db.engine)
+        db.engine.dispose()

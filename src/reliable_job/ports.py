@@ -93,6 +93,21 @@ class OutboxStore(Protocol):
         Returns ``(requeued, dead)``."""
 
 
+class Wakeup(Protocol):
+    """Tells an idle relay that jobs were staged (PostgreSQL ``LISTEN``), so it need not poll."""
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds; ``True`` when a notification arrived.
+
+        Raises when the listening connection fails: the relay falls back to polling.
+        """
+
+    def interrupt(self) -> None:
+        """Make the wait in progress, or the next one, return at once (the relay is stopping)."""
+
+    def close(self) -> None: ...
+
+
 class Broker(Protocol):
     """Publishes finished messages."""
 

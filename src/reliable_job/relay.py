@@ -8,6 +8,12 @@ One pass (:meth:`Relay.run_once`) is one short database transaction:
 A crash anywhere before COMMIT leaves the rows pending, so the next pass publishes them again: at
 most one batch is delivered twice. Rows locked by another relay are skipped, so concurrent relays
 never publish the same row unless one of them crashed.
+
+Between passes: a full batch is followed at once by the next pass. Otherwise the relay waits
+``hot_poll`` while it is busy (for ``hot_window`` seconds after a pass that found rows or a
+wake-up), then ``poll_interval``. With a :class:`~reliable_job.ports.Wakeup` (PostgreSQL
+``LISTEN``) a notification ends any wait at once; when listening fails the relay logs it, polls,
+and tries to listen again later.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Callable
 
 from reliable_job.backoff import backoff_delay
 from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable
-from reliable_job.ports import Broker, OutboxStore
+from reliable_job.ports import Broker, OutboxStore, Wakeup
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,10 @@ class Relay:
         redeliver_after: float = 3600.0,
         wait: Callable[[threading.Event, float], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        listen: Callable[[], Wakeup | None] | None = None,
+        hot_poll: float = 0.005,
+        hot_window: float = 1.0,
+        listen_retry: float = 30.0,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -52,6 +62,17 @@ class Relay:
         self._outage_since: float | None = None
         self._outage_attempts = 0
         self.published = 0
+        self.hot_poll = min(hot_poll, poll_interval)
+        self.hot_window = hot_window
+        self._hot_until = float("-inf")
+        self._listen = listen
+        self.listen_retry = listen_retry
+        self._listen_at = float("-inf")
+        self._listen_failed = False
+        self._wakeup: Wakeup | None = None
+        self._wakeup_lock = threading.Lock()
+        self.wakeups = 0
+        """Notifications that woke this relay (for tests and diagnostics)."""
 
     def run_once(self) -> int:
         """Claim, publish and mark one batch; return how many rows it held."""
@@ -102,11 +123,77 @@ class Relay:
                     self._wait(self.stopping, self._on_outage(exc))
                     continue
                 self._on_success()
-                if handled < self.batch_size:
-                    self._wait(self.stopping, self.poll_interval)
+                if handled >= self.batch_size:
+                    continue
+                if handled:
+                    self._hot_until = self._clock() + self.hot_window
+                hot = self._clock() < self._hot_until
+                self.idle(self.hot_poll if hot else self.poll_interval)
         finally:
             self.broker.close()
+            self._close_wakeup()
             logger.info("relay stopped (%d published)", self.published)
+
+    @property
+    def listening(self) -> bool:
+        """Whether the relay is listening for wake-ups right now."""
+        return self._wakeup is not None
+
+    def idle(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the next pass; a notification or :meth:`stop` ends it."""
+        wakeup = self._current_wakeup()
+        if wakeup is None:
+            self._wait(self.stopping, seconds)
+            return
+        try:
+            notified = wakeup.wait(seconds)
+        except Exception as exc:
+            logger.warning(
+                "relay stopped listening for new jobs, polling every %.2fs: %s",
+                self.poll_interval, exc,
+            )
+            self._close_wakeup()
+            self._listen_at = self._clock() + self.listen_retry
+            self._listen_failed = True
+            return
+        if notified:
+            self.wakeups += 1
+            self._hot_until = self._clock() + self.hot_window
+
+    def _current_wakeup(self) -> Wakeup | None:
+        if self._wakeup is not None or self._listen is None or self._clock() < self._listen_at:
+            return self._wakeup
+        try:
+            wakeup = self._listen()
+        except Exception as exc:
+            self._listen_at = self._clock() + self.listen_retry
+            if not self._listen_failed:
+                logger.warning(
+                    "relay cannot listen for new jobs, polling every %.2fs instead: %s",
+                    self.poll_interval, exc,
+                )
+            self._listen_failed = True
+            return None
+        if wakeup is None:  # this database has no notifications: poll, and never ask again
+            self._listen = None
+            return None
+        if self._listen_failed:
+            logger.warning("relay listening for new jobs again")
+            self._listen_failed = False
+        with self._wakeup_lock:
+            self._wakeup = wakeup
+            if self.stopping.is_set():
+                wakeup.interrupt()
+        return wakeup
+
+    def _close_wakeup(self) -> None:
+        with self._wakeup_lock:
+            wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            try:
+                wakeup.close()
+            except Exception:
+                logger.debug("error closing the relay's listening connection", exc_info=True)
 
     def redeliver_due(self) -> None:
         """Every ``redeliver_after / 10`` seconds (1 s to 60 s), put published jobs that never
@@ -130,6 +217,9 @@ class Relay:
 
     def stop(self) -> None:
         self.stopping.set()
+        with self._wakeup_lock:
+            if self._wakeup is not None:
+                self._wakeup.interrupt()
 
     def _on_outage(self, exc: Exception) -> float:
         self._outage_attempts += 1

@@ -63,7 +63,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("available_at", "timestamp", nullable=True, doc="Earliest next publish attempt."),
     Column("created_at", "timestamp", doc="When the job was staged."),
     Column("eta", "timestamp", nullable=True, doc="When the job is due (countdown/eta), if set."),
-    Column("sent_at", "timestamp", nullable=True, doc="When the relay last published it."),
+    Column("sent_at", "timestamp", nullable=True, doc="When the relay last claimed it to publish."),
     Column("updated_at", "timestamp", doc="Last state change."),
 )
 
@@ -83,3 +83,8 @@ def validate_table_name(name: str) -> str:
             "starting with a letter or underscore, at most 51 characters"
         )
     return name
+
+
+def notify_channel(table_name: str) -> str:
+    """The PostgreSQL ``LISTEN``/``NOTIFY`` channel that wakes the relays of ``table_name``."""
+    return f"{validate_table_name(table_name)}_staged"

@@ -39,6 +39,17 @@ class Settings:
     """Rows the relay claims and publishes per transaction."""
     poll_interval: float = 0.2
     """Seconds the relay waits between polls when the outbox is empty."""
+    listen_notify: bool = True
+    """On PostgreSQL, staging wakes idle relays with ``NOTIFY`` (at most one per process every
+    ``notify_interval`` seconds) and relays ``LISTEN``; polling stays the fallback. Turn it off
+    where ``LISTEN`` cannot work, e.g. behind PgBouncer in transaction pooling mode."""
+    notify_interval: float = 0.002
+    """Shortest time, in seconds, between two ``NOTIFY`` from one process. A relay keeps polling
+    quickly (``hot_poll``) for a second after a wake-up or a busy pass, so the jobs staged in
+    between are not left waiting; fewer NOTIFY means less contention at commit."""
+    hot_poll: float = 0.005
+    """Seconds a relay waits between polls for a second after a wake-up or a pass that found
+    rows (``poll_interval`` applies once it is idle)."""
     relay_in_worker: bool = True
     """Run a relay thread inside every ``celery worker`` process."""
     backoff_cap: float = 30.0
@@ -54,8 +65,10 @@ class Settings:
         validate_table_name(self.table_name)
         if self.batch_size < 1:
             raise ConfigurationError("batch_size must be at least 1")
-        if self.poll_interval <= 0 or self.backoff_cap <= 0:
-            raise ConfigurationError("poll_interval and backoff_cap must be positive")
+        if self.poll_interval <= 0 or self.backoff_cap <= 0 or self.hot_poll <= 0:
+            raise ConfigurationError("poll_interval, hot_poll and backoff_cap must be positive")
+        if self.notify_interval < 0:
+            raise ConfigurationError("notify_interval must be 0 or positive")
         if self.redeliver_after < 0:
             raise ConfigurationError("redeliver_after must be 0 (off) or positive")
         if self.max_publish_attempts < 1:

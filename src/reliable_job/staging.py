@@ -11,6 +11,8 @@ A job is written, in order of preference:
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -41,6 +43,32 @@ def bind(target: Any) -> Iterator[None]:
         _bound.reset(token)
 
 
+class NotifyThrottle:
+    """At most one relay wake-up (``NOTIFY``) per ``interval`` seconds from this process.
+
+    A ``NOTIFY`` in every transaction would serialize commits (PostgreSQL takes a global lock to
+    queue notifications at commit). Relays keep polling quickly for a while after a wake-up, so
+    the jobs staged between two notifications are picked up without one.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._next = float("-inf")
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        """``True`` (and the clock restarts) when this transaction should notify."""
+        now = self._clock()
+        if now < self._next:
+            return False
+        with self._lock:
+            if now < self._next:
+                return False
+            self._next = now + self.interval
+            return True
+
+
 class Stager:
     """Resolves the transaction for each staged job and writes it there."""
 
@@ -50,10 +78,23 @@ class Stager:
         adapt: AdaptTarget,
         own_transaction: Callable[[], OutboxWriter],
         session_provider: Callable[[], Any] | None = None,
+        notify: NotifyThrottle | None = None,
     ) -> None:
         self._adapt = adapt
         self._own_transaction = own_transaction
         self._session_provider = session_provider
+        self._notify = notify
+
+    def notify_due(self) -> bool:
+        """Whether a writer should wake the relays in the transaction it writes to.
+
+        Every :class:`~reliable_job.ports.OutboxWriter` on PostgreSQL calls it after inserting its
+        rows and, when it returns ``True``, runs ``SELECT pg_notify(<channel>, '')`` in the same
+        transaction, ``<channel>`` being :func:`reliable_job.schema.notify_channel` of the table.
+        ``False`` when wake-ups are off (``listen_notify``) or were sent less than
+        ``notify_interval`` ago.
+        """
+        return self._notify is not None and self._notify.due()
 
     def writer(self, target: Any = None) -> OutboxWriter:
         explicit = target if target is not None else _bound.get()

@@ -166,3 +166,32 @@ class InMemoryBroker:
 
     def close(self) -> None:
         self.closed += 1
+
+
+class InMemoryWakeup:
+    """A relay's wake-up channel: :meth:`notify` wakes the relay's wait; set ``broken`` to make
+    the next wait fail as a lost listening connection would."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._notified = False
+        self.broken = False
+        self.closed = False
+
+    def notify(self) -> None:
+        self._notified = True
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        if self.broken:
+            raise ConnectionError("listening connection lost (fake)")
+        self._event.wait(timeout)
+        self._event.clear()
+        notified, self._notified = self._notified, False
+        return notified
+
+    def interrupt(self) -> None:
+        self._event.set()
+
+    def close(self) -> None:
+        self.closed = True

@@ -110,6 +110,8 @@ class ReliableCelery:
             backoff_cap=s.backoff_cap,
             max_publish_attempts=s.max_publish_attempts,
             redeliver_after=s.redeliver_after,
+            listen=getattr(self.database, "listener", None),
+            hot_poll=s.hot_poll,
         )
 
 

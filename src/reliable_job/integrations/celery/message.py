@@ -3,8 +3,18 @@ the relay without re-serializing the body.
 
 What is stored is exactly what Celery handed to kombu's ``Producer._publish`` after serialization
 (and compression): body bytes, content type and encoding, headers, properties, exchange, routing
-key and the queues to declare. Never pickle: the envelope is JSON, the body is text when its
-encoding is UTF-8 and base64 otherwise.
+key and the queues to declare. Never pickle: the envelope is JSON.
+
+Two envelope versions are read:
+
+- ``v1`` (0.1): the body is text when its encoding is UTF-8 and base64 otherwise, next to the
+  content type and encoding, headers, properties, exchange, routing key and queues to declare.
+- ``v2`` (written since 0.2): the routing fields, then, as the last key, ``"payload"``: the
+  message exactly as kombu's Redis transport puts it in Redis (kombu's virtual-channel message:
+  base64 body, headers, properties with ``delivery_info`` and ``body_encoding``), with an empty
+  ``delivery_tag`` as its very last field. The relay's Redis fast path splices a fresh delivery
+  tag in and pushes the bytes, with no decode or re-encode; any other transport decodes the
+  payload back into ``Producer.publish`` arguments.
 """
 
 from __future__ import annotations
@@ -18,8 +28,16 @@ from typing import Any
 
 from reliable_job.errors import NotSerializableError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _TEXT_ENCODINGS = ("utf-8", "utf8")
+
+PAYLOAD_KEY = ',"payload":'
+"""Separates a v2 envelope's routing fields from its Redis payload (always the last key)."""
+PAYLOAD_END = '"delivery_tag": ""}}'
+"""How a v2 payload ends: the empty delivery tag the relay fills in, properties, message."""
+_ENVELOPE_END = PAYLOAD_END + "}"
+_ADDED_PROPERTIES = ("delivery_info", "priority", "body_encoding", "delivery_tag")
+"""Properties kombu's virtual channel adds to a message; Celery never sets them itself."""
 
 
 @dataclass
@@ -53,12 +71,23 @@ class CapturedPublish:
         return self.declare[0] if self.declare else self.routing_key
 
     def to_json(self) -> str:
+        """The stored envelope: v2 when the message fits it (always, for Celery's messages)."""
+        try:
+            if not any(key in self.properties for key in _ADDED_PROPERTIES):
+                return self._to_json_v2()
+            return self._to_json_v1()
+        except (TypeError, ValueError) as exc:
+            raise NotSerializableError(
+                f"message headers or properties cannot be stored as JSON: {exc}"
+            ) from exc
+
+    def _to_json_v1(self) -> str:
         if self.content_encoding.lower() in _TEXT_ENCODINGS:
             body, body_encoding = self.body.decode("utf-8"), "text"
         else:
             body, body_encoding = base64.b64encode(self.body).decode("ascii"), "base64"
         doc = {
-            "v": FORMAT_VERSION,
+            "v": 1,
             "body": body,
             "body_encoding": body_encoding,
             "content_type": self.content_type,
@@ -72,32 +101,136 @@ class CapturedPublish:
             "immediate": self.immediate,
             "declare": self.declare,
         }
-        try:
-            return json.dumps(doc, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise NotSerializableError(
-                f"message headers or properties cannot be stored as JSON: {exc}"
-            ) from exc
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+    def _to_json_v2(self) -> str:
+        route = {
+            "v": 2,
+            "exchange": self.exchange,
+            "routing_key": self.routing_key,
+            "priority": self.priority,
+            "mandatory": self.mandatory,
+            "immediate": self.immediate,
+            "declare": self.declare,
+        }
+        head = json.dumps(route, separators=(",", ":"), allow_nan=False)
+        payload = redis_payload(
+            self.body, self.priority, self.content_type, self.content_encoding, self.headers,
+            self.properties, self.exchange, self.routing_key,
+        )
+        if not payload.endswith(PAYLOAD_END):  # pragma: no cover - kombu's layout is fixed
+            return self._to_json_v1()
+        return f"{head[:-1]}{PAYLOAD_KEY}{payload}}}"
+
+
+def redis_payload(
+    body: bytes,
+    priority: int | None,
+    content_type: str,
+    content_encoding: str,
+    headers: Mapping[str, Any],
+    properties: Mapping[str, Any],
+    exchange: str,
+    routing_key: str,
+    delivery_tag: str = "",
+) -> str:
+    """The message as kombu's Redis transport pushes it, with ``delivery_tag``.
+
+    kombu's virtual channel builds it in ``prepare_message`` (delivery_info, priority defaulting
+    to 0) and ``basic_publish`` (base64 body, body_encoding, delivery_tag, then exchange and
+    routing key in delivery_info), and serializes it with ``kombu.utils.json.dumps``: for JSON
+    values that is ``json.dumps`` with its default separators. Built in the same order, the text
+    is byte for byte the same. Values JSON cannot hold raise ``TypeError``/``ValueError``.
+    """
+    props = dict(properties)
+    props.setdefault("delivery_info", {})
+    props.setdefault("priority", priority or 0)
+    props["body_encoding"] = "base64"
+    props["delivery_tag"] = delivery_tag
+    props["delivery_info"] = dict(props["delivery_info"], exchange=exchange,
+                                  routing_key=routing_key)
+    message = {
+        "body": base64.b64encode(body).decode("ascii"),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": dict(headers) if headers else {},
+        "properties": props,
+    }
+    return json.dumps(message, allow_nan=False)
 
 
 class CorruptMessage(ValueError):
     """A stored message the relay cannot read."""
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where a stored message goes: what the relay's Redis fast path needs besides the payload."""
+
+    exchange: str
+    routing_key: str
+    priority: int | None
+    declare: tuple[str, ...]
+    mandatory: bool = False
+    immediate: bool = False
+
+
+def route_of(route_json: str) -> Route:
+    """The :class:`Route` of a v2 envelope's routing fields (see :func:`redis_parts`)."""
+    try:
+        doc = json.loads(route_json)
+        return Route(
+            exchange=doc["exchange"], routing_key=doc["routing_key"], priority=doc["priority"],
+            declare=tuple(doc["declare"]), mandatory=doc["mandatory"], immediate=doc["immediate"],
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptMessage(f"corrupt outbox message: {type(exc).__name__}: {exc}") from exc
+
+
+def redis_parts(text: str) -> tuple[str, str] | None:
+    """``(routing fields JSON, payload head)`` of a v2 envelope, by slicing, without decoding.
+
+    The Redis payload is ``head + delivery_tag + '"}}'``. ``None`` for anything that is not a
+    well-formed v2 envelope (v1 rows, corrupt rows): those take :func:`publish_arguments`.
+    A JSON string never holds an unescaped ``"``, so the first ``,"payload":`` is the key.
+    """
+    if not (text.startswith('{"v":2,') and text.endswith(_ENVELOPE_END)):
+        return None
+    split = text.find(PAYLOAD_KEY)
+    if split < 0:
+        return None
+    return text[:split] + "}", text[split + len(PAYLOAD_KEY):-4]
+
+
 def publish_arguments(text: str) -> tuple[bytes, dict[str, Any]]:
-    """``(body, kwargs)`` for ``kombu.Producer.publish`` from a stored message."""
+    """``(body, kwargs)`` for ``kombu.Producer.publish`` from a stored message (v1 or v2)."""
     try:
         doc = json.loads(text)
-        if doc.get("v") != FORMAT_VERSION:
-            raise CorruptMessage(f"unknown message format version {doc.get('v')!r}")
-        raw = doc["body"]
-        body = raw.encode("utf-8") if doc["body_encoding"] == "text" else base64.b64decode(raw)
-        properties: dict[str, Any] = dict(doc["properties"])
+        version = doc.get("v")
+        if version == 2:
+            payload = doc["payload"]
+            if payload["properties"].get("body_encoding") != "base64":
+                raise CorruptMessage("v2 message without a base64 body")
+            body = base64.b64decode(payload["body"])
+            properties = {k: v for k, v in payload["properties"].items()
+                          if k not in _ADDED_PROPERTIES}
+            content_type = payload["content-type"]
+            content_encoding = payload["content-encoding"]
+            headers = payload["headers"]
+        elif version == 1:
+            raw = doc["body"]
+            body = raw.encode("utf-8") if doc["body_encoding"] == "text" else base64.b64decode(raw)
+            properties = dict(doc["properties"])
+            content_type = doc["content_type"]
+            content_encoding = doc["content_encoding"]
+            headers = doc["headers"]
+        else:
+            raise CorruptMessage(f"unknown message format version {version!r}")
         expiration = properties.pop("expiration", None)
         kwargs: dict[str, Any] = {
-            "content_type": doc["content_type"],
-            "content_encoding": doc["content_encoding"],
-            "headers": doc["headers"],
+            "content_type": content_type,
+            "content_encoding": content_encoding,
+            "headers": headers,
             "exchange": doc["exchange"],
             "routing_key": doc["routing_key"],
             "priority": doc["priority"],
@@ -113,6 +246,29 @@ def publish_arguments(text: str) -> tuple[bytes, dict[str, Any]]:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptMessage(f"corrupt outbox message: {type(exc).__name__}: {exc}") from exc
     return body, kwargs
+
+
+def redis_parts_of_any(text: str) -> tuple[Route, str]:
+    """``(route, payload head)`` for any stored message: sliced from v2, rebuilt from v1."""
+    parts = redis_parts(text)
+    if parts is not None:
+        return route_of(parts[0]), parts[1]
+    publish_arguments(text)  # validates; raises CorruptMessage
+    doc = json.loads(text)
+    if doc.get("v") != 1:
+        raise CorruptMessage("malformed v2 outbox message")
+    try:
+        raw = doc["body"]
+        body = raw.encode("utf-8") if doc["body_encoding"] == "text" else base64.b64decode(raw)
+        payload = redis_payload(
+            body, doc["priority"], doc["content_type"], doc["content_encoding"], doc["headers"],
+            doc["properties"], doc["exchange"], doc["routing_key"],
+        )
+        route = Route(doc["exchange"], doc["routing_key"], doc["priority"],
+                      tuple(doc["declare"]), doc["mandatory"], doc["immediate"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptMessage(f"corrupt outbox message: {type(exc).__name__}: {exc}") from exc
+    return route, payload[:-3]
 
 
 def headers_task_id(headers: Mapping[str, Any]) -> str | None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -16,11 +17,14 @@ from sqlalchemy import (
     Insert,
     MetaData,
     Table,
+    any_,
+    bindparam,
     create_engine,
     delete,
     event,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -32,9 +36,24 @@ from reliable_job import schema
 from reliable_job.errors import ConfigurationError, DatabaseUnavailable, StagingError
 from reliable_job.ports import ClaimedRow, OutboxStatus, OutboxWriter, StagedJob
 from reliable_job.settings import Settings
-from reliable_job.staging import Stager
+from reliable_job.staging import NotifyThrottle, Stager
 
 logger = logging.getLogger(__name__)
+
+
+_CLAIM_PLAN = "SET LOCAL enable_sort = off"
+"""Claims walk the partial index ``ix_<table>_pending`` in id order, whatever the statistics say.
+
+Without it, on a table not analyzed yet (a fresh table, a burst of inserts before autovacuum's
+ANALYZE) the planner may fetch every pending row through ``ix_<table>_state`` and sort them all
+for each batch. ``SET LOCAL`` lasts for the claim's transaction only."""
+
+_INHERITED: list[Any] = []
+"""Connections a forked child inherited from its parent: kept alive, never touched."""
+
+
+def _row_id(row: ClaimedRow) -> int:
+    return row.id
 
 
 def utcnow() -> datetime:
@@ -82,6 +101,8 @@ def _dispose_after_fork(engine: Engine) -> None:
 
 
 class _Claim:
+    """A claim by ``SELECT``: rows are marked as the relay reports them (SQLite, others)."""
+
     def __init__(self, db: SQLAlchemyDatabase, conn: Connection, rows: list[ClaimedRow]) -> None:
         self._db = db
         self._conn = conn
@@ -110,6 +131,50 @@ class _Claim:
             values["available_at"] = now + timedelta(seconds=retry_in)
         self._conn.execute(update(t).where(t.c.id == row.id).values(**values))
 
+    def finish(self) -> None:
+        """Nothing to undo: unmarked rows were never changed."""
+
+
+class _SentClaim:
+    """A claim by ``UPDATE ... RETURNING`` (PostgreSQL): one statement locks the rows and marks
+    them sent, in the claim's transaction, so a pass is claim -> publish -> COMMIT. Rows the relay
+    reports failed, or does not report, are put back to pending (or dead) before the COMMIT; a
+    crash or an outage rolls everything back, exactly as with a claim by ``SELECT``."""
+
+    def __init__(self, db: SQLAlchemyDatabase, conn: Connection, rows: list[ClaimedRow]) -> None:
+        self._db = db
+        self._conn = conn
+        self.rows = rows
+        self._settled: set[int] = set()
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        self._settled.update(ids)  # the claim marked them already
+
+    def mark_failed(self, row: ClaimedRow, error: str, *, retry_in: float | None) -> None:
+        t = self._db.table
+        now = utcnow()
+        values: dict[str, Any] = {
+            "attempts": row.attempts + 1, "last_error": error, "updated_at": now,
+        }
+        if retry_in is None:
+            values["state"] = schema.DEAD
+        else:
+            values.update(state=schema.PENDING, available_at=now + timedelta(seconds=retry_in))
+        self._conn.execute(update(t).where(t.c.id == row.id).values(**values))
+        self._settled.add(row.id)
+
+    def finish(self) -> None:
+        t = self._db.table
+        unsettled = [row for row in self.rows if row.id not in self._settled]
+        if not unsettled:
+            return
+        self._conn.execute(
+            update(t).where(t.c.id == bindparam("row_id")).values(
+                state=schema.PENDING, attempts=bindparam("old_attempts"), available_at=None,
+            ),
+            [{"row_id": row.id, "old_attempts": row.attempts} for row in unsettled],
+        )
+
 
 class _Writer:
     """Writes staged rows through ``execute`` (a session's or a connection's)."""
@@ -120,8 +185,10 @@ class _Writer:
         self._dialect = dialect
 
     def write(self, jobs: Sequence[StagedJob]) -> None:
+        notify = self._dialect == "postgresql" and self._db.stager.notify_due()
         with self._db.staging_errors():
-            self._target.execute(self._db.insert_statement(self._dialect), self._db.rows(jobs))
+            self._target.execute(self._db.insert_statement(self._dialect, notify),
+                                 self._db.rows(jobs, notify))
 
 
 class _OwnTransactionWriter:
@@ -130,8 +197,59 @@ class _OwnTransactionWriter:
 
     def write(self, jobs: Sequence[StagedJob]) -> None:
         engine = self._db.engine
+        dialect = engine.dialect.name
+        notify = dialect == "postgresql" and self._db.stager.notify_due()
         with self._db.staging_errors(), engine.begin() as conn:
-            conn.execute(self._db.insert_statement(engine.dialect.name), self._db.rows(jobs))
+            conn.execute(self._db.insert_statement(dialect, notify), self._db.rows(jobs, notify))
+
+
+class _PostgresListener:
+    """``LISTEN`` on a connection of its own (autocommit, outside the pool), for one relay."""
+
+    def __init__(self, engine: Engine, channel: str) -> None:
+        import socket
+
+        from psycopg import sql
+
+        self._proxy = engine.raw_connection()
+        self._proxy.detach()  # never goes back to the pool; closed with the listener
+        try:
+            conn: Any = self._proxy.dbapi_connection
+            conn.rollback()
+            conn.autocommit = True
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            self._conn = conn
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+        except BaseException:
+            self._proxy.close()
+            raise
+
+    def wait(self, timeout: float) -> bool:
+        import select
+
+        fd = self._conn.fileno()
+        ready, _, _ = select.select([fd, self._wake_r], [], [], timeout)
+        if self._wake_r in ready:
+            with suppress(BlockingIOError):
+                self._wake_r.recv(4096)
+        notified = False
+        if fd in ready:
+            for _ in self._conn.notifies(timeout=0):
+                notified = True
+        return notified
+
+    def interrupt(self) -> None:
+        with suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def close(self) -> None:
+        try:
+            self._proxy.close()
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
 
 
 class SQLAlchemyDatabase:
@@ -149,36 +267,77 @@ class SQLAlchemyDatabase:
         self.table: Table = (
             metadata.tables.get(settings.table_name) if metadata is not None else None
         ) or _table(settings.table_name)
-        self._inserts: dict[str, Insert] = {}
+        self._inserts: dict[tuple[str, bool], Insert] = {}
+        t = self.table
+        # The state is a literal, not a parameter: a prepared (generic) plan must still match
+        # the partial index's predicate (state = 'pending').
+        publishable = (
+            select(t.c.id)
+            .where(t.c.state == literal_column(f"'{schema.PENDING}'"))
+            .where(or_(t.c.available_at.is_(None), t.c.available_at <= bindparam("now")))
+            .order_by(t.c.id)
+            .limit(bindparam("limit"))
+        )
+        self._claim_select = publishable.with_only_columns(
+            t.c.id, t.c.job_id, t.c.message, t.c.attempts
+        )
+        """The claim by SELECT (SQLite: one writer at a time, BEGIN IMMEDIATE)."""
+        # ARRAY(subquery) is an InitPlan: run exactly once, then the update reaches its rows
+        # through the primary key. (A join with the subquery can be planned as a nested loop
+        # rescanning it for every row of the table when the statistics are off.)
+        picked = func.array(publishable.with_for_update(skip_locked=True).scalar_subquery())
+        self._claim_sent = (
+            update(t)
+            .where(t.c.id == any_(picked))
+            .values(state=schema.SENT, sent_at=bindparam("now"), updated_at=bindparam("now"),
+                    available_at=None, attempts=t.c.attempts + 1)
+            .returning(t.c.id, t.c.job_id, t.c.message, t.c.attempts)
+        )
+        """The claim on PostgreSQL: lock up to ``limit`` publishable rows nobody else holds (SKIP
+        LOCKED, through the partial index) and mark them sent, in one statement."""
         self.stager = Stager(
             adapt=self.writer_for,
             own_transaction=lambda: _OwnTransactionWriter(self),
             session_provider=settings.session,
+            notify=NotifyThrottle(settings.notify_interval) if settings.listen_notify else None,
         )
+        self._delete_job = delete(t).where(t.c.job_id == bindparam("job_id"))
+        self._completion: tuple[int, Connection] | None = None
+        self._completion_lock = threading.Lock()
+        self.notify_channel = schema.notify_channel(self.table.name)
 
     # -- staging -------------------------------------------------------------------------------
 
-    def insert_statement(self, dialect: str) -> Insert:
-        stmt = self._inserts.get(dialect)
+    def insert_statement(self, dialect: str, notify: bool = False) -> Insert:
+        """The staging INSERT; with ``notify`` (PostgreSQL) it also wakes the relays, in the same
+        statement: ``updated_at`` is read through ``pg_notify`` (no extra round trip). Its rows
+        come from :meth:`rows` with the same ``notify``."""
+        stmt = self._inserts.get((dialect, notify))
         if stmt is None:
             if dialect == "postgresql":
                 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-                stmt = pg_insert(self.table).on_conflict_do_nothing(index_elements=["job_id"])
+                pg = pg_insert(self.table)
+                if notify:
+                    staged_at = bindparam("staged_at", type_=self.table.c.updated_at.type)
+                    pg = pg.values(updated_at=select(staged_at).select_from(
+                        func.pg_notify(self.notify_channel, "")).scalar_subquery())
+                stmt = pg.on_conflict_do_nothing(index_elements=["job_id"])
             elif dialect == "sqlite":
                 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
                 stmt = sqlite_insert(self.table).on_conflict_do_nothing(index_elements=["job_id"])
             else:
                 stmt = insert(self.table)
-            self._inserts[dialect] = stmt
+            self._inserts[(dialect, notify)] = stmt
         return stmt
 
-    def rows(self, jobs: Sequence[StagedJob]) -> list[dict[str, Any]]:
+    def rows(self, jobs: Sequence[StagedJob], notify: bool = False) -> list[dict[str, Any]]:
         now = utcnow()
+        last = "staged_at" if notify else "updated_at"
         return [
             {"job_id": j.job_id, "task_name": j.task_name, "queue": j.queue,
-             "message": j.message, "eta": j.eta, "created_at": now, "updated_at": now}
+             "message": j.message, "eta": j.eta, "created_at": now, last: now}
             for j in jobs
         ]
 
@@ -201,26 +360,96 @@ class SQLAlchemyDatabase:
     # -- the store (relay, completion, CLI) -------------------------------------------------------
 
     @contextmanager
-    def claim(self, limit: int) -> Iterator[_Claim]:
-        t = self.table
+    def claim(self, limit: int) -> Iterator[_Claim | _SentClaim]:
         now = utcnow()
-        stmt = (
-            select(t.c.id, t.c.job_id, t.c.message, t.c.attempts)
-            .where(t.c.state == schema.PENDING)
-            .where(or_(t.c.available_at.is_(None), t.c.available_at <= now))
-            .order_by(t.c.id)
-            .limit(limit)
-        )
-        if self.engine.dialect.name != "sqlite":
-            stmt = stmt.with_for_update(skip_locked=True)
         with self._unavailable_as_error(), self._claim_engine.begin() as conn:
-            rows = [ClaimedRow(r.id, r.job_id, r.message, r.attempts)
-                    for r in conn.execute(stmt)]
-            yield _Claim(self, conn, rows)
+            claim: _Claim | _SentClaim
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(_CLAIM_PLAN)
+                rows = sorted((
+                    ClaimedRow(row_id, job_id, message, attempts - 1)
+                    for row_id, job_id, message, attempts in conn.execute(
+                        self._claim_sent, {"now": now, "limit": limit}
+                    )
+                ), key=_row_id)
+                claim = _SentClaim(self, conn, rows)
+            else:
+                rows = [ClaimedRow(*r) for r in conn.execute(
+                    self._claim_select, {"now": now, "limit": limit}
+                )]
+                claim = _Claim(self, conn, rows)
+            yield claim
+            claim.finish()
+
+    def listener(self) -> _PostgresListener | None:
+        """A relay's :class:`~reliable_job.ports.Wakeup`: ``LISTEN`` on PostgreSQL (psycopg 3);
+        ``None`` on SQLite (it polls). Raises when listening fails."""
+        if not self.settings.listen_notify or self.engine.dialect.name != "postgresql":
+            return None
+        if self.engine.dialect.driver != "psycopg":
+            raise ConfigurationError(
+                f"LISTEN needs the psycopg (3) driver, not {self.engine.dialect.driver}"
+            )
+        with self._unavailable_as_error():
+            return _PostgresListener(self.engine, self.notify_channel)
+
+    def claim_query(self, dialect: str = "postgresql") -> Any:
+        """The statement a claim runs on ``dialect``: bind ``now`` and ``limit``."""
+        return self._claim_sent if dialect == "postgresql" else self._claim_select
+
+    def explain_claim(self, limit: int = 500) -> list[str]:
+        """PostgreSQL's plan for a claim of ``limit`` rows, as the relay runs it (same statement,
+        same planner settings), without running it."""
+        compiled = self._claim_sent.compile(dialect=self.engine.dialect)
+        params = dict(compiled.params, now=utcnow(), limit=limit)
+        with self._unavailable_as_error(), self.engine.connect() as conn:
+            conn.exec_driver_sql(_CLAIM_PLAN)
+            plan = conn.exec_driver_sql(f"EXPLAIN {compiled.string}", params).scalars().all()
+            conn.rollback()
+        return [str(line) for line in plan]
 
     def complete(self, job_id: str) -> int:
-        with self._unavailable_as_error(), self.engine.begin() as conn:
-            return conn.execute(delete(self.table).where(self.table.c.job_id == job_id)).rowcount
+        if self.engine.dialect.name != "postgresql":
+            with self._unavailable_as_error(), self.engine.begin() as conn:
+                return conn.execute(self._delete_job, {"job_id": job_id}).rowcount
+        # The worker deletes one row per finished task: one autocommit DELETE on a connection
+        # the process keeps (no pool checkout, ping, BEGIN or COMMIT round trips).
+        with self._completion_lock:
+            for attempt in (1, 2):
+                conn = self._completion_connection()
+                try:
+                    return conn.execute(self._delete_job, {"job_id": job_id}).rowcount
+                except DBAPIError as exc:
+                    self._drop_completion_connection()
+                    if attempt == 1 and exc.connection_invalidated:
+                        continue  # a stale connection (server restart): once more on a new one
+                    raise DatabaseUnavailable(f"outbox database error: {exc.orig or exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _completion_connection(self) -> Connection:
+        held = self._completion
+        if held is not None and held[0] == os.getpid():
+            return held[1]
+        if held is not None:
+            # Inherited through fork: the parent's socket. Never used nor closed here (closing
+            # would end the parent's session); kept referenced so it is never garbage collected.
+            _INHERITED.append(held[1])
+        with self._unavailable_as_error():
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._completion = (os.getpid(), conn)
+        return conn
+
+    def _drop_completion_connection(self) -> None:
+        held, self._completion = self._completion, None
+        if held is not None and held[0] == os.getpid():
+            with suppress(Exception):
+                held[1].invalidate()
+                held[1].close()
+
+    def close(self) -> None:
+        """Release the connection completion keeps (PostgreSQL)."""
+        with self._completion_lock:
+            self._drop_completion_connection()
 
     def bury(self, job_id: str, error: str) -> int:
         t = self.table
