@@ -207,3 +207,30 @@ def test_a_missing_table_is_a_staging_error(runtime):
             record.delay("no table")
         raise RuntimeError("roll the rename back")
     assert outbox() == []
+
+
+def test_staging_on_postgresql_wakes_the_relays_at_commit(runtime):
+    """On PostgreSQL the Django writer sends the relays' NOTIFY in the staging transaction: it
+    arrives when the transaction commits, never for a rollback; the relay of that alias listens."""
+    import psycopg
+
+    from reliable_job.integrations.django.database import engine_url
+    from reliable_job.schema import notify_channel
+    from tests.django.testapp.tasks import record
+
+    url = engine_url("default").set(drivername="postgresql").render_as_string(hide_password=False)
+    channel = notify_channel(runtime.settings.table_name)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f'LISTEN "{channel}"')
+        runtime.database.stager._notify._next = float("-inf")  # a fresh throttle interval
+        with pytest.raises(RuntimeError), transaction.atomic():
+            record.delay("rolled back")
+            raise RuntimeError("boom")
+        assert list(listener.notifies(timeout=0.5)) == []
+        runtime.database.stager._notify._next = float("-inf")
+        with transaction.atomic():
+            record.delay("committed")
+            assert list(listener.notifies(timeout=0.3)) == []  # not before the commit
+        assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [channel]
+    relay = runtime.relay(runtime.database.store("default"))
+    assert relay._listen is not None  # LISTEN on the alias's own store, not on the DjangoOutbox

@@ -102,15 +102,16 @@ class ReliableCelery:
         from reliable_job.integrations.celery.broker import KombuBroker
 
         s = self.settings
+        store = self.database if store is None else store
         return Relay(
-            self.database if store is None else store,
+            store,
             KombuBroker(self.app),
             batch_size=s.batch_size,
             poll_interval=s.poll_interval,
             backoff_cap=s.backoff_cap,
             max_publish_attempts=s.max_publish_attempts,
             redeliver_after=s.redeliver_after,
-            listen=getattr(self.database, "listener", None),
+            listen=getattr(store, "listener", None),
             hot_poll=s.hot_poll,
         )
 

@@ -19,8 +19,9 @@ from typing import Any
 from reliable_job.errors import ConfigurationError, StagingError
 from reliable_job.integrations.django.conf import DjangoOptions
 from reliable_job.ports import OutboxStatus, OutboxWriter, StagedJob
+from reliable_job.schema import notify_channel
 from reliable_job.settings import Settings
-from reliable_job.staging import Stager
+from reliable_job.staging import NotifyThrottle, Stager
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class DjangoWriter:
         self._alias = alias
 
     def write(self, jobs: Sequence[StagedJob]) -> None:
-        from django.db import DatabaseError
+        from django.db import DatabaseError, connections
 
         from reliable_job.integrations.django.models import OutboxJob
 
@@ -113,6 +114,12 @@ class DjangoWriter:
             try:
                 # ON CONFLICT DO NOTHING, parameters bound, on this alias's connection.
                 OutboxJob.objects.using(alias).bulk_create(rows, ignore_conflicts=True)
+                connection = connections[alias]
+                if connection.vendor == "postgresql" and self._outbox.stager.notify_due():
+                    # Wakes the relays when this transaction commits (see Stager.notify_due).
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT pg_notify(%s, '')",
+                                       [notify_channel(OutboxJob._meta.db_table)])
             except DatabaseError as exc:
                 raise StagingError(
                     f"cannot write to the outbox table {OutboxJob._meta.db_table!r} of database "
@@ -134,7 +141,11 @@ class DjangoOutbox:
         self._stores: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._discovered = False
-        self.stager = Stager(adapt=self._adapt, own_transaction=lambda: DjangoWriter(self, None))
+        self.stager = Stager(
+            adapt=self._adapt,
+            own_transaction=lambda: DjangoWriter(self, None),
+            notify=NotifyThrottle(settings.notify_interval) if settings.listen_notify else None,
+        )
 
     # -- staging -------------------------------------------------------------------------------
 
