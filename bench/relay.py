@@ -1,0 +1,168 @@
+"""Figure 2, relay throughput: a backlog of staged rows drained into Redis.
+
+* ``relay``: one ``reliable-job relay --app bench.app:app`` process (production settings), then two.
+  The backlog is inserted in one transaction that stays open until the relays have connected and
+  polled; the rate is rows / (last message in Redis - first message in Redis), so process start-up
+  and the idle poll wait (figure 3's subject) are left out.
+* ``raw``: the limit, written directly with psycopg and redis-py in this process: claim 500 rows
+  (``FOR UPDATE SKIP LOCKED``, the library's WHERE clause), one LPUSH carrying the whole batch, one
+  ``UPDATE ... SET state = 'sent' ... WHERE id = ANY(%s)``, COMMIT.
+* ``naive``: per row, Celery's ``send_task`` (of a plain Celery app: the message is rebuilt from the
+  row's task name and arguments) and one UPDATE; COMMIT per claimed batch.
+
+Every phase starts from an empty table and an empty Redis database and loads the same messages
+(copies of jobs staged through the library, see ``common.make_templates``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from bench.app import QUEUE
+from bench.common import (
+    TABLE,
+    Env,
+    Sizes,
+    load_rows,
+    pending,
+    relay_process,
+    reset_outbox,
+    running,
+    wait_for,
+    wait_polling,
+)
+
+BATCH = 500
+CLAIM = (
+    f"SELECT id, job_id, task_name, message FROM {TABLE} "
+    "WHERE state = 'pending' AND (available_at IS NULL OR available_at <= now()) "
+    f"ORDER BY id LIMIT {BATCH} FOR UPDATE SKIP LOCKED"
+)
+MARK_SENT = (
+    f"UPDATE {TABLE} SET state = 'sent', sent_at = now(), updated_at = now(), available_at = NULL, "
+    "attempts = attempts + 1 WHERE id = ANY(%s)"
+)
+
+
+class QueueWatch:
+    """Samples the queue length until it reaches ``target``: first and last message times."""
+
+    def __init__(self, env: Env, target: int) -> None:
+        self.client = env.redis()
+        self.target = target
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def wait(self, timeout: float) -> float:
+        """Seconds from the first message to the last one; raises on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            n = int(self.client.llen(QUEUE))
+            now = time.perf_counter()
+            if n and self.first is None:
+                self.first = now
+            if n >= self.target:
+                self.last = now
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {n} of {self.target} messages reached Redis")
+            time.sleep(0.005)
+        assert self.first is not None
+        self.client.close()
+        return max(self.last - self.first, 1e-6)
+
+
+def relay_processes(env: Env, rows: int, count: int, log_dir: Path, label: str) -> dict[str, Any]:
+    reset_outbox(env)
+    loader = env.pg(autocommit=False)
+    load_rows(loader, rows)  # uncommitted: invisible to the relays until COMMIT
+    children = [relay_process(env, f"{label}-{i}", log_dir) for i in range(count)]
+    with running(children):
+        wait_polling(env, children)
+        watch = QueueWatch(env, rows)
+        loader.commit()
+        loader.close()
+        seconds = watch.wait(timeout=rows / 200 + 120)
+        wait_for(lambda: pending(env) == 0, timeout=60, what="the outbox to drain")
+    return {"rows": rows, "processes": count, "seconds": round(seconds, 3),
+            "jobs_per_s": round(rows / seconds)}
+
+
+def raw(env: Env, rows: int) -> dict[str, Any]:
+    reset_outbox(env)
+    with env.pg(autocommit=False) as conn:
+        load_rows(conn, rows)
+        conn.commit()
+    client = env.redis()
+    conn = env.pg(autocommit=False)
+    start = time.perf_counter()
+    done = 0
+    while True:
+        claimed = conn.execute(CLAIM).fetchall()
+        if not claimed:
+            conn.commit()
+            break
+        client.lpush(QUEUE, *[row[3] for row in claimed])
+        conn.execute(MARK_SENT, ([row[0] for row in claimed],))
+        conn.commit()
+        done += len(claimed)
+    seconds = time.perf_counter() - start
+    conn.close()
+    assert client.llen(QUEUE) == rows == done, "raw relay lost rows"
+    client.close()
+    return {"rows": rows, "seconds": round(seconds, 3), "jobs_per_s": round(rows / seconds)}
+
+
+def naive(env: Env, rows: int) -> dict[str, Any]:
+    reset_outbox(env)
+    with env.pg(autocommit=False) as conn:
+        load_rows(conn, rows)
+        conn.commit()
+    plain = Celery("naive", broker=env.redis_url)
+    plain.conf.task_default_queue = QUEUE
+    conn = env.pg(autocommit=False)
+    start = time.perf_counter()
+    while True:
+        claimed = conn.execute(CLAIM).fetchall()
+        if not claimed:
+            conn.commit()
+            break
+        for row_id, job_id, task_name, message in claimed:
+            doc = json.loads(message)
+            body = doc["body"] if doc["body_encoding"] == "text" else base64.b64decode(doc["body"])
+            args, kwargs, _embed = json.loads(body)
+            plain.send_task(task_name, args, kwargs, task_id=job_id)
+            conn.execute(MARK_SENT, ([row_id],))
+        conn.commit()
+    seconds = time.perf_counter() - start
+    conn.close()
+    client = env.redis()
+    assert client.llen(QUEUE) == rows, "naive relay lost rows"
+    client.close()
+    plain.close()
+    return {"rows": rows, "seconds": round(seconds, 3), "jobs_per_s": round(rows / seconds)}
+
+
+def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    results["raw"] = raw(env, sizes.relay_rows)
+    results["relay"] = relay_processes(env, sizes.relay_rows, 1, log_dir, "relay1")
+    results["relay2"] = relay_processes(env, sizes.relay_rows, 2, log_dir, "relay2")
+    results["naive"] = naive(env, sizes.naive_rows)
+    reset_outbox(env)
+    one = results["relay"]["jobs_per_s"]
+    return {
+        "relay_jobs_per_s": one,
+        "relay2_jobs_per_s": results["relay2"]["jobs_per_s"],
+        "relay_vs_raw": round(one / results["raw"]["jobs_per_s"], 3),
+        "relay_vs_naive": round(one / results["naive"]["jobs_per_s"], 2),
+        "detail": results,
+    }
+
+
