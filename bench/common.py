@@ -46,6 +46,8 @@ class Sizes:
     claim_small: int
     claim_large: int
     claim_repetitions: int
+    rss_rows: int
+    """Rows of the large backlog the relay drains while its peak RSS is measured."""
 
 
 FULL = Sizes(quick=False, enqueue_rounds=9, enqueue_block=200, enqueue_block_100=10,
@@ -53,13 +55,15 @@ FULL = Sizes(quick=False, enqueue_rounds=9, enqueue_block=200, enqueue_block_100
              latency_light_seconds=15, latency_light_rate=200,
              latency_heavy_seconds=10, latency_heavy_producers=2,
              e2e_tasks=10_000, e2e_rounds=2, e2e_concurrency=2,
-             claim_small=10_000, claim_large=1_000_000, claim_repetitions=100)
+             claim_small=10_000, claim_large=1_000_000, claim_repetitions=100,
+             rss_rows=1_000_000)
 QUICK = Sizes(quick=True, enqueue_rounds=5, enqueue_block=100, enqueue_block_100=5,
               relay_rows=20_000, naive_rows=2_000,
               latency_light_seconds=5, latency_light_rate=200,
               latency_heavy_seconds=5, latency_heavy_producers=2,
               e2e_tasks=2_000, e2e_rounds=1, e2e_concurrency=2,
-              claim_small=10_000, claim_large=200_000, claim_repetitions=50)
+              claim_small=10_000, claim_large=200_000, claim_repetitions=50,
+              rss_rows=100_000)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,14 @@ class Env:
 
     def pg(self, autocommit: bool = True) -> psycopg.Connection[Any]:
         return psycopg.connect(self.conninfo, autocommit=autocommit)
+
+
+_T0 = time.monotonic()
+
+
+def log(message: str) -> None:
+    """Progress on stderr, with seconds since the harness started."""
+    print(f"bench [{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # -- statistics -----------------------------------------------------------------------------------
@@ -246,11 +258,11 @@ def relay_process(env: Env, name: str, log_dir: Path, **extra: str) -> Child:
 
 
 def has_polled(env: Env, name: str) -> bool:
-    """Whether the process started as ``name`` has a database session that queried the outbox."""
+    """Whether the process started as ``name`` has opened its database session: a relay connects
+    the broker, then the database, for its first claim (the engine connects lazily)."""
     with env.pg() as conn:
         row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND query ILIKE %s",
-            (name, f"%{TABLE}%"),
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,),
         ).fetchone()
     return bool(row and row[0])
 

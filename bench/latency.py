@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.app import QUEUE
-from bench.common import Env, Sizes, percentile, relay_process, reset_outbox, running, wait_polling
+from bench.common import Env, Sizes, log, percentile, relay_process, reset_outbox, running, wait_polling
 
 SEQ_STRIDE = 10_000_000
 """Producer ``p`` numbers its jobs from ``p * SEQ_STRIDE``."""
@@ -95,14 +95,18 @@ def _measure(env: Env, produce: Any) -> dict[str, Any]:
     out = ctx.Queue()
     consumer = ctx.Process(target=_consume, args=(env.redis_url, stop, received, out))
     consumer.start()
+    log("latency: consumer started, producing")
     started = time.perf_counter()
     committed: dict[int, float] = produce(ctx)
     produced_seconds = time.perf_counter() - started
+    log(f"latency: {len(committed)} jobs committed in {produced_seconds:.1f}s")
     deadline = time.monotonic() + 60
     while received.value < len(committed):
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    if received.value < len(committed):
+        log(f"latency: only {received.value} of {len(committed)} received")
     stop.set()
     arrivals = dict(out.get(timeout=120))
     consumer.join(timeout=30)

@@ -30,6 +30,7 @@ from bench.common import (
     Env,
     Sizes,
     load_rows,
+    log,
     pending,
     relay_process,
     reset_outbox,
@@ -82,13 +83,16 @@ def relay_processes(env: Env, rows: int, count: int, log_dir: Path, label: str) 
     reset_outbox(env)
     loader = env.pg(autocommit=False)
     load_rows(loader, rows)  # uncommitted: invisible to the relays until COMMIT
+    log(f"{label}: {rows} rows loaded (uncommitted), starting {count} relay process(es)")
     children = [relay_process(env, f"{label}-{i}", log_dir) for i in range(count)]
     with running(children):
         wait_polling(env, children)
+        log(f"{label}: relays polling, COMMIT")
         watch = QueueWatch(env, rows)
         loader.commit()
         loader.close()
         seconds = watch.wait(timeout=rows / 200 + 120)
+        log(f"{label}: {rows} messages in Redis after {seconds:.2f}s")
         wait_for(lambda: pending(env) == 0, timeout=60, what="the outbox to drain")
     return {"rows": rows, "processes": count, "seconds": round(seconds, 3),
             "jobs_per_s": round(rows / seconds)}
@@ -152,9 +156,11 @@ def naive(env: Env, rows: int) -> dict[str, Any]:
 def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     results["raw"] = raw(env, sizes.relay_rows)
+    log(f"raw: {results['raw']}")
     results["relay"] = relay_processes(env, sizes.relay_rows, 1, log_dir, "relay1")
     results["relay2"] = relay_processes(env, sizes.relay_rows, 2, log_dir, "relay2")
     results["naive"] = naive(env, sizes.naive_rows)
+    log(f"naive: {results['naive']}")
     reset_outbox(env)
     one = results["relay"]["jobs_per_s"]
     return {
