@@ -63,12 +63,14 @@ def _produce_flat_out(producer: int, seconds: float, out: Any) -> None:
     out.put(committed)
 
 
-def _consume(redis_url: str, stop: Any, received: Synchronized[int], out: Any) -> None:
+def _consume(redis_url: str, ready: Any, stop: Any, received: Synchronized[int], out: Any) -> None:
     """Child process: BRPOP until told to stop; sends back (sequence number, arrival time) pairs."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
+    client.ping()
     raw: list[tuple[float, bytes]] = []
+    ready.set()
     while not stop.is_set():
         item = client.brpop([QUEUE], timeout=0.2)
         if item is None:
@@ -90,11 +92,13 @@ def _consume(redis_url: str, stop: Any, received: Synchronized[int], out: Any) -
 def _measure(env: Env, produce: Any) -> dict[str, Any]:
     """Run ``produce()`` (returns {seq: commit time}) against a running relay and the consumer."""
     ctx = mp.get_context("spawn")
-    stop = ctx.Event()
+    ready, stop = ctx.Event(), ctx.Event()
     received = ctx.Value("q", 0, lock=False)
     out = ctx.Queue()
-    consumer = ctx.Process(target=_consume, args=(env.redis_url, stop, received, out))
+    consumer = ctx.Process(target=_consume, args=(env.redis_url, ready, stop, received, out))
     consumer.start()
+    if not ready.wait(60):
+        raise RuntimeError("the consumer process did not start")
     log("latency: consumer started, producing")
     started = time.perf_counter()
     committed: dict[int, float] = produce(ctx)
