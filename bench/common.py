@@ -54,7 +54,7 @@ FULL = Sizes(quick=False, enqueue_rounds=9, enqueue_block=200, enqueue_block_100
              relay_rows=100_000, naive_rows=5_000,
              latency_light_seconds=15, latency_light_rate=200,
              latency_heavy_seconds=10, latency_heavy_producers=2,
-             e2e_tasks=10_000, e2e_rounds=2, e2e_concurrency=2,
+             e2e_tasks=5_000, e2e_rounds=2, e2e_concurrency=2,
              claim_small=10_000, claim_large=1_000_000, claim_repetitions=100,
              rss_rows=1_000_000)
 QUICK = Sizes(quick=True, enqueue_rounds=5, enqueue_block=100, enqueue_block_100=5,

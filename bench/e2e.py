@@ -28,6 +28,7 @@ from bench.common import (
     TABLE,
     Env,
     Sizes,
+    log,
     median,
     reset_outbox,
     running,
@@ -63,11 +64,13 @@ def _outbox_rows(env: Env) -> int:
     return int(row[0]) if row else 0
 
 
-def _round(env: Env, variant: str, n: int) -> float:
+def _round(env: Env, variant: str, n: int) -> tuple[float, float]:
+    """(jobs/s from the first enqueue until the last task ran, seconds spent enqueueing)."""
     client = env.redis()
     client.delete(COUNTER)
     start = time.perf_counter()
     (_enqueue_reliable if variant == "reliable" else _enqueue_plain)(n)
+    enqueued = time.perf_counter() - start
     wait_for(lambda: int(client.get(COUNTER) or 0) >= n, timeout=n / 20 + 120,
              what=f"{n} {variant} tasks to run")
     seconds = time.perf_counter() - start
@@ -75,7 +78,7 @@ def _round(env: Env, variant: str, n: int) -> float:
     wait_for(lambda: _outbox_rows(env) == 0, timeout=120, what="completion to empty the outbox")
     assert int(client.llen(QUEUE)) == 0
     client.close()
-    return n / seconds
+    return n / seconds, enqueued
 
 
 def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
@@ -88,6 +91,7 @@ def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
     worker = spawn(env, name, argv, log_dir, RELIABLE_JOB_RELAY_IN_WORKER="1",
                    RELIABLE_JOB_DATABASE_URL=with_application_name(env.postgres_url, name))
     rates: dict[str, list[float]] = {"plain": [], "reliable": []}
+    enqueue_s: dict[str, list[float]] = {"plain": [], "reliable": []}
     try:
         with running([worker]):
             wait_polling(env, [worker])  # the relay thread starts once the pool is up
@@ -96,7 +100,10 @@ def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
             for r in range(sizes.e2e_rounds):
                 order = ("plain", "reliable") if r % 2 == 0 else ("reliable", "plain")
                 for variant in order:
-                    rates[variant].append(_round(env, variant, sizes.e2e_tasks))
+                    rate, enqueued = _round(env, variant, sizes.e2e_tasks)
+                    rates[variant].append(rate)
+                    enqueue_s[variant].append(round(enqueued, 2))
+                    log(f"e2e: {variant} {rate:.0f} jobs/s (enqueueing took {enqueued:.1f}s)")
     finally:
         orders.drop(runtime.database.engine, checkfirst=True)
         reset_outbox(env)
@@ -110,5 +117,6 @@ def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
             "reliable_jobs_per_s": round(reliable),
             "plain_rounds": [round(x) for x in rates["plain"]],
             "reliable_rounds": [round(x) for x in rates["reliable"]],
+            "enqueue_seconds": enqueue_s,
         },
     }
