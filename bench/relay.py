@@ -123,6 +123,22 @@ def raw(env: Env, rows: int) -> dict[str, Any]:
     return {"rows": rows, "seconds": round(seconds, 3), "jobs_per_s": round(rows / seconds)}
 
 
+def task_arguments(message: str) -> tuple[list[Any], dict[str, Any]]:
+    """A stored message's task arguments, for the naive relay: the body (Celery's protocol 2,
+    ``[args, kwargs, embed]``) of a v1 envelope (``body``, ``body_encoding``) or of a v2 one
+    (kombu's Redis ``payload``)."""
+    doc = json.loads(message)
+    if "payload" in doc:
+        payload = doc["payload"]
+        body = payload["body"]
+        base64_body = payload["properties"].get("body_encoding") == "base64"
+    else:
+        body = doc["body"]
+        base64_body = doc["body_encoding"] == "base64"
+    args, kwargs, _embed = json.loads(base64.b64decode(body) if base64_body else body)
+    return args, kwargs
+
+
 def naive(env: Env, rows: int) -> dict[str, Any]:
     reset_outbox(env)
     with env.pg(autocommit=False) as conn:
@@ -138,9 +154,7 @@ def naive(env: Env, rows: int) -> dict[str, Any]:
             conn.commit()
             break
         for row_id, job_id, task_name, message in claimed:
-            doc = json.loads(message)
-            body = doc["body"] if doc["body_encoding"] == "text" else base64.b64decode(doc["body"])
-            args, kwargs, _embed = json.loads(body)
+            args, kwargs = task_arguments(message)
             plain.send_task(task_name, args, kwargs, task_id=job_id)
             conn.execute(MARK_SENT, ([row_id],))
         conn.commit()

@@ -1,10 +1,11 @@
 """The relay's claim uses the partial index on pending rows, not a scan of the outbox.
 
-Not a timing test: PostgreSQL's own plan (EXPLAIN, nothing executed) of the exact statements the
-library runs when it claims, captured from the store with a SQLAlchemy cursor event, on a table
-holding many sent rows (history waiting for completion) and a few thousand pending ones, after
-ANALYZE. Without the partial index (``schema.INDEXES``) the planner scans the table or walks the
-primary key past every sent row; the last test proves the check notices that.
+Not a timing test: PostgreSQL's own plan (EXPLAIN, nothing executed) of the exact statement the
+library runs to claim rows, captured from the store with a SQLAlchemy cursor event and explained
+after the planner settings the claim makes (if any), on a table holding many sent rows (history
+waiting for completion) and a few thousand pending ones, after ANALYZE. Without the partial index
+(``schema.INDEXES``) the planner scans the table or walks the primary key past every sent row;
+the last test proves the check notices that.
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ def database(postgres_url: str, table_name: str) -> Iterator[SQLAlchemyDatabase]
     db.engine.dispose()
 
 
-def claim_statements(db: SQLAlchemyDatabase) -> list[tuple[str, Any]]:
-    """Every statement touching the outbox that ``claim`` runs, with its parameters."""
+def claim_statement(db: SQLAlchemyDatabase) -> tuple[list[str], str, Any]:
+    """The statement with which ``claim`` picks its rows (the first one naming the outbox), its
+    parameters, and the ``SET`` statements the claim ran before it in the same transaction
+    (planner settings such as ``SET LOCAL``)."""
     seen: list[tuple[str, Any]] = []
 
     def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        if db.table.name in statement:
-            seen.append((statement, parameters))
+        seen.append((statement, parameters))
 
     event.listen(db.engine, "before_cursor_execute", capture)
     try:
@@ -63,14 +65,23 @@ def claim_statements(db: SQLAlchemyDatabase) -> list[tuple[str, Any]]:
             assert len(claim.rows) == 500
     finally:
         event.remove(db.engine, "before_cursor_execute", capture)
-    return seen
+    settings: list[str] = []
+    for statement, parameters in seen:
+        if db.table.name in statement:
+            return settings, statement, parameters
+        if statement.lstrip().upper().startswith("SET "):
+            settings.append(statement)
+    raise AssertionError(f"claim ran no statement on the outbox: {seen}")
 
 
-def plan(db: SQLAlchemyDatabase, statement: str, parameters: Any) -> str:
-    """PostgreSQL's plan for ``statement`` (EXPLAIN only: nothing is executed)."""
+def plan(db: SQLAlchemyDatabase, settings: list[str], statement: str, parameters: Any) -> str:
+    """PostgreSQL's plan for ``statement`` after ``settings``, in one transaction rolled back
+    (EXPLAIN only: nothing is executed)."""
     raw = db.engine.raw_connection()
     try:
         cursor = raw.cursor()
+        for setting in settings:
+            cursor.execute(setting)
         cursor.execute("EXPLAIN " + statement, parameters)
         lines = [row[0] for row in cursor.fetchall()]
         raw.rollback()
@@ -85,13 +96,9 @@ def pending_index(db: SQLAlchemyDatabase) -> str:
 
 
 def test_claim_uses_the_partial_pending_index(database: SQLAlchemyDatabase) -> None:
-    statements = claim_statements(database)
-    assert statements, "claim ran no statement on the outbox"
-    plans = [plan(database, s, p) for s, p in statements]
-    for p in plans:
-        assert f"Seq Scan on {database.table.name}" not in p, p
-    # the statement that picks the rows (the first one) walks the partial index of pending rows
-    assert pending_index(database) in plans[0], plans[0]
+    claim_plan = plan(database, *claim_statement(database))
+    assert f"Seq Scan on {database.table.name}" not in claim_plan, claim_plan
+    assert pending_index(database) in claim_plan, claim_plan
 
 
 def test_the_plan_check_notices_a_missing_index(database: SQLAlchemyDatabase) -> None:
@@ -101,5 +108,4 @@ def test_the_plan_check_notices_a_missing_index(database: SQLAlchemyDatabase) ->
     with database.engine.begin() as conn:
         conn.execute(text(f"DROP INDEX {schema.validate_table_name(index)}"))
         conn.execute(text(f"ANALYZE {database.table.name}"))
-    statement, parameters = claim_statements(database)[0]
-    assert index not in plan(database, statement, parameters)
+    assert index not in plan(database, *claim_statement(database))
