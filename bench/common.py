@@ -21,6 +21,8 @@ from reliable_job.schema import validate_table_name
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = validate_table_name("bench_outbox")
+LARGE_TABLE = validate_table_name("bench_outbox_large")
+"""A second outbox (figure 5): the large backlog, measured side by side with the small one."""
 TEMPLATES = validate_table_name("bench_templates")
 ORDERS = validate_table_name("bench_orders")
 REDIS_DB = 5
@@ -176,19 +178,20 @@ def make_templates(env: Env, count: int = 100) -> None:
     reset_outbox(env)
 
 
-def load_rows(conn: psycopg.Connection[Any], rows: int) -> None:
+def load_rows(conn: psycopg.Connection[Any], rows: int, table: str = TABLE) -> None:
     """Insert ``rows`` pending rows (copies of the templates, each with a fresh job id) and ANALYZE,
     in ``conn``'s current transaction: the caller commits."""
+    table = validate_table_name(table)
     count = conn.execute(f"SELECT count(*) FROM {TEMPLATES}").fetchone()
     assert count is not None and count[0] > 0, "make_templates() first"
     conn.execute(
-        f"INSERT INTO {TABLE} (job_id, task_name, queue, message, created_at, updated_at) "
+        f"INSERT INTO {table} (job_id, task_name, queue, message, created_at, updated_at) "
         f"SELECT s.u, t.task_name, t.queue, replace(t.message, t.job_id, s.u), now(), now() "
         f"FROM (SELECT g, gen_random_uuid()::text AS u FROM generate_series(1, %s) AS g) AS s "
         f"JOIN {TEMPLATES} AS t ON t.k = s.g %% %s ORDER BY s.g",
         (rows, count[0]),
     )
-    conn.execute(f"ANALYZE {TABLE}")
+    conn.execute(f"ANALYZE {table}")
 
 
 def pending(env: Env) -> int:
@@ -257,7 +260,7 @@ def relay_process(env: Env, name: str, log_dir: Path, **extra: str) -> Child:
     return spawn(env, name, argv, log_dir, **extra)
 
 
-def has_polled(env: Env, name: str) -> bool:
+def has_connected(env: Env, name: str) -> bool:
     """Whether the process started as ``name`` has opened its database session: a relay connects
     the broker, then the database, for its first claim (the engine connects lazily)."""
     with env.pg() as conn:
@@ -267,15 +270,18 @@ def has_polled(env: Env, name: str) -> bool:
     return bool(row and row[0])
 
 
-def wait_polling(env: Env, children: Sequence[Child]) -> None:
-    """Until every relay (or worker) process has connected and polled the outbox at least once."""
+def wait_connected(env: Env, children: Sequence[Child]) -> None:
+    """Until every relay (or worker) process has a session on the database: its relay is running.
+
+    Named by ``application_name`` (see :func:`with_application_name`), not by the text of its last
+    query: between polls a session shows ``COMMIT`` or a pool ping, not the claim."""
     def ready() -> bool:
         for child in children:
             if not child.alive():
                 raise RuntimeError(f"{child.name} exited:\n{child.text()[-3000:]}")
-        return all(has_polled(env, child.name) for child in children)
+        return all(has_connected(env, child.name) for child in children)
 
-    wait_for(ready, timeout=90, what="processes to poll the outbox", interval=0.05)
+    wait_for(ready, timeout=90, what="relays to connect to the database", interval=0.05)
 
 
 @contextmanager

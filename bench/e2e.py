@@ -42,8 +42,8 @@ from bench.common import (
     reset_outbox,
     running,
     spawn,
+    wait_connected,
     wait_for,
-    wait_polling,
     with_application_name,
 )
 from bench.enqueue import orders
@@ -155,7 +155,7 @@ def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
     enqueue_s: dict[str, list[float]] = {"plain": [], "reliable": []}
     try:
         with running([worker]):
-            wait_polling(env, [worker])  # the relay thread starts once the pool is up
+            wait_connected(env, [worker])  # the relay thread connects once the pool is up
             _round(env, "plain", max(50, sizes.e2e_tasks // 20))  # warm up both paths
             _round(env, "reliable", max(50, sizes.e2e_tasks // 20))
             for r in range(sizes.e2e_rounds):

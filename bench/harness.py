@@ -113,11 +113,10 @@ def check_targets(figures: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    keys = result["keys"]
     targets = result["targets"]
     lines = [f"{'figure':<20} {'value':>12}  {'target':<10} result", "-" * 52]
     for key in KEYS + EXTRA_KEYS:
-        value = keys.get(key)
+        value = result.get(key)
         t = targets.get(key)
         verdict = "" if t is None else {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
         shown = "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
@@ -201,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     keys: dict[str, Any] = {}
     for fig in figures.values():
         keys.update({k: v for k, v in fig.items() if k != "detail"})
-    result = {
+    result: dict[str, Any] = {k: keys.get(k) for k in KEYS + EXTRA_KEYS}  # every key, top level
+    result.update({
         "quick": sizes.quick,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "keys": {k: keys.get(k) for k in KEYS + EXTRA_KEYS},
         "targets": check_targets(keys),
         "baselines": baselines(figures),
         "machine": machine(env),
@@ -212,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "figures": figures,
         "seconds": {**timings, "total": round(time.monotonic() - started, 1)},
         "logs": str(log_dir),
-    }
-    result.update(result["keys"])  # every key also at the top level
+    })
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

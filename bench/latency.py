@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.app import QUEUE
-from bench.common import Env, Sizes, log, percentile, relay_process, reset_outbox, running, wait_polling
+from bench.common import Env, Sizes, log, percentile, relay_process, reset_outbox, running, wait_connected
 
 SEQ_STRIDE = 10_000_000
 """Producer ``p`` numbers its jobs from ``p * SEQ_STRIDE``."""
@@ -132,7 +132,7 @@ def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
     reset_outbox(env)
     relay = relay_process(env, "latency-relay", log_dir)
     with running([relay]):
-        wait_polling(env, [relay])
+        wait_connected(env, [relay])
         rate = sizes.latency_light_rate
         warm = int(rate)  # one second of warm-up
 

@@ -38,8 +38,8 @@ from bench.common import (
     relay_process,
     reset_outbox,
     running,
+    wait_connected,
     wait_for,
-    wait_polling,
 )
 
 BATCH = 500
@@ -90,7 +90,7 @@ def relay_processes(env: Env, rows: int, count: int, log_dir: Path, label: str) 
     log(f"{label}: {rows} rows loaded (uncommitted), starting {count} relay process(es)")
     children = [relay_process(env, f"{label}-{i}", log_dir) for i in range(count)]
     with running(children):
-        wait_polling(env, children)
+        wait_connected(env, children)
         log(f"{label}: relays polling, COMMIT")
         watch = QueueWatch(env, rows)
         loader.commit()
