@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.common import FULL, QUICK, ROOT, Env, Sizes, as_dict
+from bench.common import FULL, QUICK, ROOT, TEMPLATES, Env, Sizes, as_dict
 
 FIGURES = ("enqueue", "relay", "latency", "e2e", "backlog")
 
@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = round(time.monotonic() - t0, 1)
         print(f"bench: {name} done in {timings[name]}s", file=sys.stderr, flush=True)
     runtime.database.table.drop(runtime.database.engine, checkfirst=True)
+    with env.pg() as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {TEMPLATES}")
 
     keys: dict[str, Any] = {}
     for fig in figures.values():
