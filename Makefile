@@ -2,8 +2,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: venv lock lint test services-up services-down demo clean
+.PHONY: venv lock lint test bench bench-quick services-up services-down demo clean
 
 venv: $(VENV)/.stamp
 
@@ -27,6 +28,12 @@ lint: venv
 
 test: venv lint
 	scripts/run-tests.sh $(PYTEST_ARGS)
+
+bench: venv
+	scripts/run-bench.sh $(BENCH_ARGS)
+
+bench-quick: venv
+	scripts/run-bench.sh --quick $(BENCH_ARGS)
 
 services-up:
 	scripts/services.sh install
