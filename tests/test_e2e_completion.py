@@ -7,10 +7,9 @@ from __future__ import annotations
 import time
 from datetime import datetime, timedelta, timezone
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-
-import pytest
 
 from tests.conftest import count_rows, outbox_rows, stage_records, wait_for
 
