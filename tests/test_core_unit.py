@@ -224,13 +224,13 @@ def test_completion_keeps_failed_ids_for_the_next_flush_and_caps_the_buffer(capl
     completion.succeeded("job-0")
     completion.succeeded("job-1")  # full batch -> flush fails
     assert store.flushed.wait(10)
-    assert "could not delete the outbox rows of 2 finished jobs" in caplog.text
     wait = threading.Event()
-    for _ in range(200):
+    for _ in range(1000):
         if completion.pending() == ["job-0", "job-1"]:
             break
         wait.wait(0.01)
     assert completion.pending() == ["job-0", "job-1"], "given back, in order"
+    assert "could not delete the outbox rows of 2 finished jobs" in caplog.text
     store.fail = False
     for i in (2, 3, 4):
         completion.succeeded(f"job-{i}")

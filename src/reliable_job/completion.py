@@ -205,14 +205,14 @@ class Completion:
                 if self._stopping or self._pid != pid:
                     return
                 deadline = max(time.monotonic() + self.interval, self._retry_at)
-                while not self._stopping:
+                while not self._stopping and self._pid == pid:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or (
                         len(self._pending) >= self.batch and time.monotonic() >= self._retry_at
                     ):
                         break
                     self._wake.wait(remaining)
-                if self._stopping:
+                if self._stopping or self._pid != pid:
                     return
             self.flush()
 
