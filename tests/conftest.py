@@ -203,11 +203,13 @@ class Services:
         self.processes.append(proc)
         return proc
 
-    def worker(self, *, relay: bool = True, concurrency: int = 2, **extra: str
-               ) -> subprocess.Popen[bytes]:
+    def worker(self, *, relay: bool = True, concurrency: int = 2, pool: str | None = None,
+               **extra: str) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "celery", "-A", "tests.apps.celery_app", "worker",
                 "--loglevel=INFO", f"--concurrency={concurrency}", "--without-gossip",
                 "--without-mingle", "--without-heartbeat", "-n", f"w{uuid.uuid4().hex[:6]}@%h"]
+        if pool is not None:
+            argv.append(f"--pool={pool}")
         proc = self._spawn("worker", argv, RELIABLE_JOB_RELAY_IN_WORKER="1" if relay else "0",
                            **extra)
         wait_for(lambda: b"ready." in Path(proc.log_path).read_bytes()  # type: ignore[attr-defined]

@@ -140,6 +140,159 @@ def test_completion_never_raises(caplog):
     assert "could not delete" in caplog.text
 
 
+class CountingStore(InMemoryStore):
+    """Records every delete call; ``fail`` makes complete_many raise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list[str]]] = []
+        self.fail = False
+        self.flushed = threading.Event()
+
+    def complete(self, job_id: str) -> int:
+        self.calls.append(("complete", [job_id]))
+        return super().complete(job_id)
+
+    def complete_many(self, job_ids) -> int:
+        self.calls.append(("complete_many", list(job_ids)))
+        try:
+            if self.fail:
+                raise RuntimeError("database gone")
+            return super().complete_many(job_ids)
+        finally:
+            self.flushed.set()
+
+
+def remaining(store: InMemoryStore) -> list[str]:
+    return [r.job.job_id for r in store.rows.values()]
+
+
+def test_completion_interval_0_deletes_synchronously():
+    """interval 0 (the default of the class): one delete per finished job, at once, no thread."""
+    store = CountingStore()
+    store.write(jobs(2))
+    completion = Completion(store, interval=0)
+    completion.succeeded("job-0")
+    completion.failed("job-1", "boom")
+    assert remaining(store) == []
+    assert store.calls == [("complete", ["job-0"]), ("complete", ["job-1"])]
+    assert completion._thread is None
+
+
+def test_completion_batches_deletes_per_interval_and_per_batch_size():
+    """Ids wait for the interval (long here) and go in one statement as soon as a batch is full;
+    close() deletes the rest. Dead jobs are still buried at once."""
+    store = CountingStore()
+    store.write(jobs(7))
+    completion = Completion(store, interval=60, batch=3, preserve_dead_jobs=True)
+    completion.succeeded("job-0")
+    completion.succeeded("job-1")
+    assert store.calls == [] and len(remaining(store)) == 7, "waiting for the interval"
+    completion.failed("job-6", "ValueError: x")  # buried synchronously
+    assert store.rows[7].state == DEAD and store.calls == []
+    completion.succeeded("job-2")  # a full batch: flushed without waiting for the interval
+    assert store.flushed.wait(10)
+    assert store.calls == [("complete_many", ["job-0", "job-1", "job-2"])]
+    completion.succeeded("job-3")
+    completion.succeeded("job-4")
+    completion.close()
+    assert store.calls[1:] == [("complete_many", ["job-3", "job-4"])]
+    assert remaining(store) == ["job-5", "job-6"]
+    assert not completion._thread.is_alive()
+
+
+def test_completion_flushes_after_the_interval():
+    store = CountingStore()
+    store.write(jobs(2))
+    completion = Completion(store, interval=0.01)
+    completion.succeeded("job-0")
+    completion.failed("job-1", "boom")  # dead jobs not preserved: batched like a success
+    assert store.flushed.wait(10)
+    completion.close()
+    assert remaining(store) == []
+    assert [ids for _, ids in store.calls] in ([["job-0", "job-1"]], [["job-0"], ["job-1"]])
+
+
+def test_completion_keeps_failed_ids_for_the_next_flush_and_caps_the_buffer(caplog):
+    """A failed flush is logged, never raised; its ids are retried at the next flush. Beyond
+    max_buffered the oldest ids are dropped with a warning (redelivered later, never lost)."""
+    store = CountingStore()
+    store.write(jobs(6))
+    store.fail = True
+    completion = Completion(store, interval=60, batch=2, max_buffered=4)
+    completion.close = lambda timeout=10.0: None  # type: ignore[method-assign]  # no atexit flush
+    completion.succeeded("job-0")
+    completion.succeeded("job-1")  # full batch -> flush fails
+    assert store.flushed.wait(10)
+    wait = threading.Event()
+    for _ in range(1000):
+        if completion.pending() == ["job-0", "job-1"]:
+            break
+        wait.wait(0.01)
+    assert completion.pending() == ["job-0", "job-1"], "given back, in order"
+    assert "could not delete the outbox rows of 2 finished jobs" in caplog.text
+    store.fail = False
+    for i in (2, 3, 4):
+        completion.succeeded(f"job-{i}")
+    # Stop the thread without Completion.close (replaced above), then flush by hand.
+    with completion._lock:
+        completion._stopping = True
+        completion._wake.notify_all()
+    completion._thread.join(10)
+    assert "completion buffer full" in caplog.text
+    assert completion.pending() == ["job-1", "job-2", "job-3", "job-4"], "oldest dropped"
+    assert completion.flush() == 4
+    assert remaining(store) == ["job-0", "job-5"]
+
+
+def test_completion_buffer_belongs_to_the_process_that_filled_it():
+    """After a fork (simulated: another pid) the child starts an empty buffer and a flusher of
+    its own, and never deletes the ids its parent had buffered."""
+    store = CountingStore()
+    store.write(jobs(4))
+    pid = [100]
+    completion = Completion(store, interval=60, getpid=lambda: pid[0])
+    completion.succeeded("job-0")
+    completion.succeeded("job-1")
+    parent_thread = completion._thread
+    pid[0] = 200  # the child
+    assert completion.pending() == []
+    assert completion.flush() == 0 and store.calls == [], "never flushes the parent's ids"
+    completion.succeeded("job-2")
+    assert completion.pending() == ["job-2"]
+    assert completion._thread is not parent_thread
+    completion.close()
+    assert store.calls == [("complete_many", ["job-2"])]
+    assert remaining(store) == ["job-0", "job-1", "job-3"]
+    parent_thread.join(10)
+    assert not parent_thread.is_alive(), "the parent's flusher saw it is not its process"
+
+
+def test_completion_buffer_after_a_real_fork():
+    """A real fork: the child's flush deletes only its own ids, the parent's stay buffered."""
+    import os
+
+    store = CountingStore()
+    store.write(jobs(3))
+    completion = Completion(store, interval=60)
+    completion.succeeded("job-0")
+    child = os.fork()
+    if child == 0:
+        try:
+            ok = completion.pending() == []
+            completion.succeeded("job-1")
+            ok = ok and completion.pending() == ["job-1"] and completion.flush() == 1
+            ok = ok and remaining(store) == ["job-0", "job-2"]
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert completion.pending() == ["job-0"]
+    completion.close()
+    assert remaining(store) == ["job-1", "job-2"]
+
+
 def test_stager_prefers_explicit_then_implicit_then_own_transaction():
     """Explicit binding wins; an implicit session counts only inside a transaction."""
     written: list[str] = []

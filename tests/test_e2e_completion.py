@@ -7,10 +7,11 @@ from __future__ import annotations
 import time
 from datetime import datetime, timedelta, timezone
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tests.conftest import count_rows, outbox_rows, wait_for
+from tests.conftest import count_rows, outbox_rows, stage_records, wait_for
 
 
 def row_of(engine, outbox, job_id: str) -> dict[str, object] | None:
@@ -165,3 +166,19 @@ def test_a_revoked_job_is_buried_when_dead_jobs_are_preserved(services, celery_a
     assert row_of(engine, outbox, doomed.id)["last_error"] == "revoked"
     assert "revoked" not in services.markers()
     services.stop(worker)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+def test_a_warm_shutdown_deletes_the_rows_still_buffered(services, celery_app, engine, outbox,
+                                                          pool):
+    """Batched completion: with a completion interval far longer than the test, the rows of
+    finished jobs wait in the worker processes' buffers (still 'sent'); a warm shutdown (SIGTERM)
+    deletes them before the worker exits (prefork children on worker_process_shutdown, the main
+    process on worker_shutdown)."""
+    worker = services.worker(pool=pool, RELIABLE_JOB_COMPLETION_INTERVAL="3600")
+    ids = stage_records(engine, "buffered", 12)
+    wait_for(lambda: len(services.markers()) == 12, message="every job to run")
+    # Ran, yet their rows remain: the deletes wait in the buffers.
+    assert {r["job_id"] for r in outbox_rows(engine, outbox)} == set(ids)
+    assert services.stop(worker) == 0, services.log(worker)
+    assert outbox_rows(engine, outbox) == [], services.log(worker)

@@ -99,6 +99,23 @@ def test_complete_and_bury(store):
                                         "oldest_pending_seconds": None}
 
 
+def test_complete_many_deletes_every_listed_row_in_one_call(store):
+    """Batched completion: the listed rows go (whatever their state), others stay; unknown ids
+    and an empty list are no-ops."""
+    stage(store, [job(i) for i in range(5)])
+    assert store.complete_many([]) == 0
+    assert store.complete_many(["job-0", "job-2", "job-4", "job-unknown"]) == 3
+    assert store.complete_many(["job-0"]) == 0
+    left = store.status().as_dict()
+    assert left["pending"] == 2
+    with store.claim(10) as claim:
+        assert sorted(r.job_id for r in claim.rows) == ["job-1", "job-3"]
+        claim.mark_sent([r.id for r in claim.rows])
+    assert store.complete_many(["job-1", "job-3"]) == 2
+    assert store.status().as_dict() == {"pending": 0, "sent": 0, "dead": 0,
+                                        "oldest_pending_seconds": None}
+
+
 def test_staging_the_same_job_id_twice_keeps_one_row(store):
     """The job id is unique: a second staging of it is ignored."""
     stage(store, [job(0)])
@@ -159,6 +176,14 @@ def test_completion_survives_a_lost_connection_and_a_fork_on_postgresql(postgres
             )).scalars().all()
         assert killed and all(killed)
         assert db.complete("job-1") == 1, "retried on a new connection"
+        stage(db, [job(10), job(11)])
+        with db.engine.begin() as conn:
+            killed = conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'DELETE FROM %' AND pid <> pg_backend_pid()"
+            )).scalars().all()
+        assert killed and all(killed)
+        assert db.complete_many(["job-10", "job-11"]) == 2, "batched: retried on a new connection"
 
         pid = os.fork()
         if pid == 0:  # the child: its own connection; exit without running any cleanup

@@ -79,6 +79,10 @@ class OutboxStore(Protocol):
     def complete(self, job_id: str) -> int:
         """Delete the job's row; return how many rows went."""
 
+    def complete_many(self, job_ids: Sequence[str]) -> int:
+        """Delete the rows of all these jobs (in one statement where the database allows);
+        return how many rows went."""
+
     def bury(self, job_id: str, error: str) -> int:
         """Set the job's row dead with ``error``; return how many rows changed."""
 

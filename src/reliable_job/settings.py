@@ -57,6 +57,11 @@ class Settings:
     max_publish_attempts: int = 5
     """Publish attempts before a row that cannot be published is set ``dead``; also the most
     deliveries of a job that never completes (see ``redeliver_after``)."""
+    completion_interval: float = 0.05
+    """Seconds a worker process gathers the ids of finished jobs before deleting their rows in one
+    statement (sooner when 500 are waiting; on worker shutdown and at exit too). 0 deletes each
+    row as its task finishes. A worker killed outright (SIGKILL) leaves the rows it had gathered
+    ``sent``: they are published again after ``redeliver_after`` (a duplicate, never a loss)."""
     redeliver_after: float = 3600.0
     """Seconds after which a published job that has not completed (and was not due) is published
     again: it was lost by the broker or by a worker. 0 turns redelivery off."""
@@ -69,6 +74,8 @@ class Settings:
             raise ConfigurationError("poll_interval, hot_poll and backoff_cap must be positive")
         if self.notify_interval < 0:
             raise ConfigurationError("notify_interval must be 0 or positive")
+        if self.completion_interval < 0:
+            raise ConfigurationError("completion_interval must be 0 (off) or positive")
         if self.redeliver_after < 0:
             raise ConfigurationError("redeliver_after must be 0 (off) or positive")
         if self.max_publish_attempts < 1:

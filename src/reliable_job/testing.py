@@ -98,6 +98,14 @@ class InMemoryStore:
                 del self.rows[i]
             return len(gone)
 
+    def complete_many(self, job_ids: Sequence[str]) -> int:
+        wanted = set(job_ids)
+        with self._lock:
+            gone = [i for i, r in self.rows.items() if r.job.job_id in wanted]
+            for i in gone:
+                del self.rows[i]
+            return len(gone)
+
     def bury(self, job_id: str, error: str) -> int:
         with self._lock:
             hit = [r for r in self.rows.values() if r.job.job_id == job_id]

@@ -108,3 +108,18 @@ def test_relay_command_drains_every_outbox_and_exits_on_sigterm(processes):
     assert processes.stop(relay, signal.SIGTERM) == 0, processes.log(relay)
     assert "relay stopped" in processes.log(relay)
     client.close()
+
+
+def test_complete_many_deletes_across_every_database():
+    """Batched completion on Django: the ids do not say which alias holds their rows, so every
+    alias's outbox is tried; each listed row goes, others stay."""
+    from proj.celery import app
+
+    from tests.django.testapp.tasks import record, record_other, record_sqlite
+
+    flush_redis()
+    done = [record.delay("a").id, record_other.delay("b").id, record_sqlite.delay("c").id]
+    kept = record.delay("kept").id
+    assert app.reliable_job.database.complete_many([*done, "no-such-job"]) == 3
+    assert [job_id for _, _, job_id in outbox()] == [kept]
+    assert outbox("other") == [] and outbox("sqlite") == []

@@ -40,7 +40,11 @@ class ReliableCelery:
 
             database = SQLAlchemyDatabase(settings)
         self.database = database
-        self.completion = Completion(database, preserve_dead_jobs=settings.preserve_dead_jobs)
+        self.completion = Completion(
+            database,
+            preserve_dead_jobs=settings.preserve_dead_jobs,
+            interval=settings.completion_interval,
+        )
         self._capture_connection: Any = None
         self._send_task: Callable[..., Any] | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Any
 
 from celery import bootsteps, signals
@@ -71,16 +72,33 @@ def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         runtime.completion.failed(request.id, reason)
 
 
+def _flush_completions(**_: Any) -> None:
+    """Worker shutdown (``worker_shutdown``: main process, solo and threads pools;
+    ``worker_process_shutdown``: a prefork child exiting): delete the rows still buffered."""
+    for app in list(_apps):
+        runtime = getattr(app, "reliable_job", None)
+        if runtime is None:
+            continue
+        try:
+            runtime.completion.close()
+        except Exception:  # pragma: no cover - close() logs its own errors
+            logger.exception("could not flush completed jobs at shutdown")
+
+
 _connected = False
+_apps: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def connect_worker(app: Any) -> None:
     """Register the relay bootstep on ``app`` and the completion handlers (once per process)."""
     global _connected
+    _apps.add(app)
     if RelayStep not in app.steps["worker"]:
         app.steps["worker"].add(RelayStep)
     if not _connected:
         signals.task_success.connect(_on_success, weak=False)
         signals.task_failure.connect(_on_failure, weak=False)
         signals.task_revoked.connect(_on_revoked, weak=False)
+        signals.worker_process_shutdown.connect(_flush_completions, weak=False)
+        signals.worker_shutdown.connect(_flush_completions, weak=False)
         _connected = True

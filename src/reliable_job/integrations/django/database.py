@@ -210,6 +210,15 @@ class DjangoOutbox:
                 return count
         return 0
 
+    def complete_many(self, job_ids: Sequence[str]) -> int:
+        # A row lives in one alias, which the id does not tell: every alias, until all are found.
+        count = 0
+        for store in self._each(None):
+            if count >= len(job_ids):
+                break
+            count += int(store.complete_many(job_ids))
+        return count
+
     def bury(self, job_id: str, error: str) -> int:
         for store in self._each(None):
             count = int(store.bury(job_id, error))

@@ -68,7 +68,8 @@ def install(app: Any) -> DjangoReliableCelery:
     outbox = DjangoOutbox(app, settings, options)
     values = {name: getattr(settings, name) for name in (
         "enable_for_all_jobs", "preserve_dead_jobs", "table_name", "batch_size", "poll_interval",
-        "relay_in_worker", "backoff_cap", "max_publish_attempts", "redeliver_after")}
+        "relay_in_worker", "backoff_cap", "max_publish_attempts", "redeliver_after",
+        "completion_interval")}
     runtime = celery_install(app, database=outbox, runtime_class=DjangoReliableCelery, **values)
     assert isinstance(runtime, DjangoReliableCelery)
     return runtime
