@@ -250,4 +250,5 @@ class DjangoOutbox:
         with self._lock:
             stores, self._stores = list(self._stores.values()), {}
         for store in stores:
+            store.close()  # the connection completion keeps is not the pool's to close
             store.engine.dispose()
