@@ -165,24 +165,23 @@ def test_completion_survives_a_lost_connection_and_a_fork_on_postgresql(postgres
     from sqlalchemy import text
 
     db = SQLAlchemyDatabase(Settings(database_url=postgres_url, table_name=table_name))
+
+    def kill_completion_connections() -> None:
+        with db.engine.begin() as conn:
+            killed = conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'DELETE FROM %' AND pid <> pg_backend_pid()"
+            )).scalars().all()
+        assert killed and all(killed)
+
     db.create_table()
     try:
         stage(db, [job(i) for i in range(4)])
         assert db.complete("job-0") == 1
-        with db.engine.begin() as conn:
-            killed = conn.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE query LIKE 'DELETE FROM %' AND pid <> pg_backend_pid()"
-            )).scalars().all()
-        assert killed and all(killed)
+        kill_completion_connections()
         assert db.complete("job-1") == 1, "retried on a new connection"
         stage(db, [job(10), job(11)])
-        with db.engine.begin() as conn:
-            killed = conn.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE query LIKE 'DELETE FROM %' AND pid <> pg_backend_pid()"
-            )).scalars().all()
-        assert killed and all(killed)
+        kill_completion_connections()
         assert db.complete_many(["job-10", "job-11"]) == 2, "batched: retried on a new connection"
 
         pid = os.fork()

@@ -94,18 +94,13 @@ class CapturedPublish:
             "content_encoding": self.content_encoding,
             "headers": self.headers,
             "properties": self.properties,
-            "exchange": self.exchange,
-            "routing_key": self.routing_key,
-            "priority": self.priority,
-            "mandatory": self.mandatory,
-            "immediate": self.immediate,
-            "declare": self.declare,
+            **self._route_fields(),
         }
         return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
-    def _to_json_v2(self) -> str:
-        route = {
-            "v": 2,
+    def _route_fields(self) -> dict[str, Any]:
+        """Where the message goes: the same fields, in the same order, in v1 and v2."""
+        return {
             "exchange": self.exchange,
             "routing_key": self.routing_key,
             "priority": self.priority,
@@ -113,6 +108,9 @@ class CapturedPublish:
             "immediate": self.immediate,
             "declare": self.declare,
         }
+
+    def _to_json_v2(self) -> str:
+        route = {"v": 2, **self._route_fields()}
         head = json.dumps(route, separators=(",", ":"), allow_nan=False)
         payload = redis_payload(
             self.body, self.priority, self.content_type, self.content_encoding, self.headers,

@@ -324,7 +324,6 @@ class SQLAlchemyDatabase:
             session_provider=settings.session,
             notify=NotifyThrottle(settings.notify_interval) if settings.listen_notify else None,
         )
-        self._delete_job = delete(t).where(t.c.job_id == bindparam("job_id"))
         # PostgreSQL: one array parameter (one statement text, whatever the batch size).
         self._delete_any_job = delete(t).where(
             t.c.job_id == any_(bindparam("job_ids", type_=ARRAY(t.c.job_id.type)))
@@ -453,22 +452,7 @@ class SQLAlchemyDatabase:
         return [str(line) for line in plan]
 
     def complete(self, job_id: str) -> int:
-        if self.engine.dialect.name != "postgresql":
-            with self._unavailable_as_error(), self.engine.begin() as conn:
-                return conn.execute(self._delete_job, {"job_id": job_id}).rowcount
-        # The worker deletes one row per finished task: one autocommit DELETE on a connection
-        # the process keeps (no pool checkout, ping, BEGIN or COMMIT round trips).
-        with self._completion_lock:
-            for attempt in (1, 2):
-                conn = self._completion_connection()
-                try:
-                    return conn.execute(self._delete_job, {"job_id": job_id}).rowcount
-                except DBAPIError as exc:
-                    self._drop_completion_connection()
-                    if attempt == 1 and exc.connection_invalidated:
-                        continue  # a stale connection (server restart): once more on a new one
-                    raise DatabaseUnavailable(f"outbox database error: {exc.orig or exc}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self.complete_many([job_id])
 
     def complete_many(self, job_ids: Sequence[str]) -> int:
         """Delete the rows of ``job_ids`` in one statement (completion's batched deletes)."""
@@ -478,6 +462,8 @@ class SQLAlchemyDatabase:
         if self.engine.dialect.name != "postgresql":
             with self._unavailable_as_error(), self.engine.begin() as conn:
                 return conn.execute(self._delete_jobs, {"job_ids": ids}).rowcount
+        # The worker deletes the rows of finished tasks: one autocommit DELETE on a connection
+        # the process keeps (no pool checkout, ping, BEGIN or COMMIT round trips).
         with self._completion_lock:
             for attempt in (1, 2):
                 conn = self._completion_connection()
