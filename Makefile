@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv lock lint test bench bench-quick services-up services-down demo clean
+.PHONY: venv lock lint format test bench bench-quick services-up services-down demo clean
 
 venv: $(VENV)/.stamp
 
@@ -23,8 +23,13 @@ lock:
 
 lint: venv
 	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+format: venv
+	$(BIN)/ruff format src tests bench examples
+	$(BIN)/ruff check --fix src tests bench examples
 
 test: venv lint
 	scripts/run-tests.sh $(PYTEST_ARGS)

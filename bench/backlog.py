@@ -115,8 +115,9 @@ def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
 
     reset_outbox(env)
     # the large backlog in an outbox of its own, through the library's public install()
-    large = install(Celery("bench-large", broker=env.redis_url), table_name=LARGE_TABLE,
-                    relay_in_worker=False)
+    large = install(
+        Celery("bench-large", broker=env.redis_url), table_name=LARGE_TABLE, relay_in_worker=False
+    )
     large.database.create_table()
     try:
         return _run(env, sizes, log_dir, large.database)
@@ -136,11 +137,12 @@ def _run(env: Env, sizes: Sizes, log_dir: Path, large: Any) -> dict[str, Any]:
     load_seconds = time.perf_counter() - started
     _vacuum(env, TABLE)
     _vacuum(env, LARGE_TABLE)
-    claims = _compare_claims(runtime.database, large, runtime.settings.batch_size,
-                             sizes.claim_repetitions)
+    claims = _compare_claims(runtime.database, large, runtime.settings.batch_size, sizes.claim_repetitions)
     small_ms, large_ms = claims["small_ms"], claims["large_ms"]
-    log(f"backlog: claim {small_ms:.2f} ms ({sizes.claim_small} pending), "
-        f"{large_ms:.2f} ms ({sizes.claim_large} pending)")
+    log(
+        f"backlog: claim {small_ms:.2f} ms ({sizes.claim_small} pending), "
+        f"{large_ms:.2f} ms ({sizes.claim_large} pending)"
+    )
 
     relay = relay_process(env, "rss-relay", log_dir, RELIABLE_JOB_TABLE_NAME=LARGE_TABLE)
     target = sizes.rss_rows
@@ -151,8 +153,9 @@ def _run(env: Env, sizes: Sizes, log_dir: Path, large: Any) -> dict[str, Any]:
             deadline = time.monotonic() + target / 200 + 120
             while janitor.removed < target:
                 if not relay.alive() or time.monotonic() > deadline:
-                    raise RuntimeError(f"relay drained only {janitor.removed} of {target} rows:\n"
-                                       f"{relay.text()[-3000:]}")
+                    raise RuntimeError(
+                        f"relay drained only {janitor.removed} of {target} rows:\n{relay.text()[-3000:]}"
+                    )
                 time.sleep(0.1)
             seconds = time.perf_counter() - start
             status, rss_mb = relay.stop_with_rusage()

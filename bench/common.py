@@ -52,20 +52,44 @@ class Sizes:
     """Rows of the large backlog the relay drains while its peak RSS is measured."""
 
 
-FULL = Sizes(quick=False, enqueue_rounds=9, enqueue_block=200, enqueue_block_100=10,
-             relay_rows=100_000, naive_rows=5_000,
-             latency_light_seconds=15, latency_light_rate=200,
-             latency_heavy_seconds=10, latency_heavy_producers=2,
-             e2e_tasks=5_000, e2e_rounds=2, e2e_concurrency=2,
-             claim_small=10_000, claim_large=1_000_000, claim_repetitions=100,
-             rss_rows=1_000_000)
-QUICK = Sizes(quick=True, enqueue_rounds=5, enqueue_block=100, enqueue_block_100=5,
-              relay_rows=20_000, naive_rows=2_000,
-              latency_light_seconds=5, latency_light_rate=200,
-              latency_heavy_seconds=5, latency_heavy_producers=2,
-              e2e_tasks=2_000, e2e_rounds=1, e2e_concurrency=2,
-              claim_small=10_000, claim_large=200_000, claim_repetitions=50,
-              rss_rows=100_000)
+FULL = Sizes(
+    quick=False,
+    enqueue_rounds=9,
+    enqueue_block=200,
+    enqueue_block_100=10,
+    relay_rows=100_000,
+    naive_rows=5_000,
+    latency_light_seconds=15,
+    latency_light_rate=200,
+    latency_heavy_seconds=10,
+    latency_heavy_producers=2,
+    e2e_tasks=5_000,
+    e2e_rounds=2,
+    e2e_concurrency=2,
+    claim_small=10_000,
+    claim_large=1_000_000,
+    claim_repetitions=100,
+    rss_rows=1_000_000,
+)
+QUICK = Sizes(
+    quick=True,
+    enqueue_rounds=5,
+    enqueue_block=100,
+    enqueue_block_100=5,
+    relay_rows=20_000,
+    naive_rows=2_000,
+    latency_light_seconds=5,
+    latency_light_rate=200,
+    latency_heavy_seconds=5,
+    latency_heavy_producers=2,
+    e2e_tasks=2_000,
+    e2e_rounds=1,
+    e2e_concurrency=2,
+    claim_small=10_000,
+    claim_large=200_000,
+    claim_repetitions=50,
+    rss_rows=100_000,
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +148,7 @@ def log(message: str) -> None:
 
 # -- statistics -----------------------------------------------------------------------------------
 
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
@@ -135,8 +160,7 @@ def percentile(values: Sequence[float], p: float) -> float:
     return float(ordered[rank - 1])
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str,
-             interval: float = 0.01) -> None:
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -145,6 +169,7 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str,
 
 
 # -- the outbox table -------------------------------------------------------------------------------
+
 
 def reset_outbox(env: Env) -> None:
     """A fresh, empty outbox table and an empty benchmark Redis database."""
@@ -202,6 +227,7 @@ def pending(env: Env) -> int:
 
 # -- subprocesses ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Child:
     name: str
@@ -241,8 +267,9 @@ class Child:
 def spawn(env: Env, name: str, argv: list[str], log_dir: Path, **extra: str) -> Child:
     log = log_dir / f"{name}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env.subprocess_env(**extra), stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(
+            argv, env=env.subprocess_env(**extra), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+        )
     return Child(name, proc, log)
 
 
@@ -265,7 +292,8 @@ def has_connected(env: Env, name: str) -> bool:
     the broker, then the database, for its first claim (the engine connects lazily)."""
     with env.pg() as conn:
         row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,),
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (name,),
         ).fetchone()
     return bool(row and row[0])
 
@@ -275,6 +303,7 @@ def wait_connected(env: Env, children: Sequence[Child]) -> None:
 
     Named by ``application_name`` (see :func:`with_application_name`), not by the text of its last
     query: between polls a session shows ``COMMIT`` or a pool ping, not the claim."""
+
     def ready() -> bool:
         for child in children:
             if not child.alive():

@@ -80,8 +80,9 @@ def _round(env: Env, variant: str, n: int) -> tuple[float, float]:
     start = time.perf_counter()
     (_enqueue_reliable if variant == "reliable" else _enqueue_plain)(n)
     enqueued = time.perf_counter() - start
-    wait_for(lambda: int(client.get(COUNTER) or 0) >= n, timeout=n / 20 + 120,
-             what=f"{n} {variant} tasks to run")
+    wait_for(
+        lambda: int(client.get(COUNTER) or 0) >= n, timeout=n / 20 + 120, what=f"{n} {variant} tasks to run"
+    )
     seconds = time.perf_counter() - start
     # not timed: every row completed (deleted) before the next round
     wait_for(lambda: _outbox_rows(env) == 0, timeout=120, what="completion to empty the outbox")
@@ -91,11 +92,33 @@ def _round(env: Env, variant: str, n: int) -> tuple[float, float]:
 
 
 def _worker(env: Env, sizes: Sizes, log_dir: Path, name: str) -> Child:
-    argv = [sys.executable, "-m", "celery", "-A", "bench.app", "worker", "--pool", "prefork",
-            f"--concurrency={sizes.e2e_concurrency}", "-Q", QUEUE, "--loglevel=WARNING",
-            "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{name}@%h"]
-    return spawn(env, name, argv, log_dir, RELIABLE_JOB_RELAY_IN_WORKER="1",
-                 RELIABLE_JOB_DATABASE_URL=with_application_name(env.postgres_url, name))
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "bench.app",
+        "worker",
+        "--pool",
+        "prefork",
+        f"--concurrency={sizes.e2e_concurrency}",
+        "-Q",
+        QUEUE,
+        "--loglevel=WARNING",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-n",
+        f"{name}@%h",
+    ]
+    return spawn(
+        env,
+        name,
+        argv,
+        log_dir,
+        RELIABLE_JOB_RELAY_IN_WORKER="1",
+        RELIABLE_JOB_DATABASE_URL=with_application_name(env.postgres_url, name),
+    )
 
 
 def _drain_round(env: Env, sizes: Sizes, log_dir: Path, variant: str, n: int, name: str) -> float:
@@ -133,8 +156,7 @@ def _drain(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
     for r in range(sizes.e2e_rounds):
         order = ("plain", "reliable") if r % 2 == 0 else ("reliable", "plain")
         for variant in order:
-            rate = _drain_round(env, sizes, log_dir, variant, sizes.e2e_tasks,
-                                f"drain-{variant}-{r}")
+            rate = _drain_round(env, sizes, log_dir, variant, sizes.e2e_tasks, f"drain-{variant}-{r}")
             rates[variant].append(rate)
             log(f"e2e drain: {variant} {rate:.0f} jobs/s")
     plain, reliable = median(rates["plain"]), median(rates["reliable"])

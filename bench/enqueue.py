@@ -33,6 +33,7 @@ def _direct(tasks: int) -> Callable[[int], None]:
             session.commit()
         for j in range(tasks):
             plain_noop.apply_async((i, j))
+
     return run
 
 
@@ -45,6 +46,7 @@ def _staged(tasks: int) -> Callable[[int], None]:
             for j in range(tasks):
                 reliable_noop.apply_async((i, j), reliable_job_session=session)
             session.commit()
+
     return run
 
 

@@ -36,8 +36,16 @@ TARGETS: dict[str, tuple[str, float]] = {
     "relay_rss_mb": ("<=", 150.0),
 }
 KEYS = (
-    "enqueue_ratio", "enqueue_ratio_100", "relay_jobs_per_s", "relay_vs_raw", "relay_vs_naive",
-    "relay2_jobs_per_s", "latency_p50_ms", "latency_p99_ms", "e2e_ratio", "claim_scale_ratio",
+    "enqueue_ratio",
+    "enqueue_ratio_100",
+    "relay_jobs_per_s",
+    "relay_vs_raw",
+    "relay_vs_naive",
+    "relay2_jobs_per_s",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "e2e_ratio",
+    "claim_scale_ratio",
     "relay_rss_mb",
 )
 """Every figure the issue asks for (baselines and details are under ``figures``)."""
@@ -47,8 +55,7 @@ EXTRA_KEYS = ("e2e_drain_ratio",)
 
 def _run(cmd: list[str]) -> str:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True,
-                              cwd=ROOT).stdout.strip()
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -64,8 +71,10 @@ def machine(env: Env) -> dict[str, Any]:
         pass
     with env.pg() as conn:
         row = conn.execute("SHOW server_version").fetchone()
-        pg_settings = {name: str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
-                       for name in ("fsync", "synchronous_commit", "shared_buffers")}
+        pg_settings = {
+            name: str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
+            for name in ("fsync", "synchronous_commit", "shared_buffers")
+        }
     client = env.redis()
     redis_version = str(client.info("server").get("redis_version"))
     client.close()
@@ -203,23 +212,24 @@ def main(argv: list[str] | None = None) -> int:
     for fig in figures.values():
         keys.update({k: v for k, v in fig.items() if k != "detail"})
     result: dict[str, Any] = {k: keys.get(k) for k in KEYS + EXTRA_KEYS}  # every key, top level
-    result.update({
-        "quick": sizes.quick,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "targets": check_targets(keys),
-        "baselines": baselines(figures),
-        "machine": machine(env),
-        "sizes": as_dict(sizes),
-        "figures": figures,
-        "seconds": {**timings, "total": round(time.monotonic() - started, 1)},
-        "logs": str(log_dir),
-    })
+    result.update(
+        {
+            "quick": sizes.quick,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "targets": check_targets(keys),
+            "baselines": baselines(figures),
+            "machine": machine(env),
+            "sizes": as_dict(sizes),
+            "figures": figures,
+            "seconds": {**timings, "total": round(time.monotonic() - started, 1)},
+            "logs": str(log_dir),
+        }
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
-    print(f"\nwrote {out} ({'quick' if sizes.quick else 'full'} run, "
-          f"{result['seconds']['total']}s)")
+    print(f"\nwrote {out} ({'quick' if sizes.quick else 'full'} run, {result['seconds']['total']}s)")
     return 0
 
 

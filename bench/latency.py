@@ -141,9 +141,10 @@ def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
 
         def heavy(ctx: Any) -> dict[int, float]:
             out = ctx.Queue()
-            procs = [ctx.Process(target=_produce_flat_out,
-                                 args=(p, sizes.latency_heavy_seconds, out))
-                     for p in range(sizes.latency_heavy_producers)]
+            procs = [
+                ctx.Process(target=_produce_flat_out, args=(p, sizes.latency_heavy_seconds, out))
+                for p in range(sizes.latency_heavy_producers)
+            ]
             for p in procs:
                 p.start()
             committed: dict[int, float] = {}

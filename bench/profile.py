@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats(args.sort).print_stats(args.top)
-    print(f"in-process relay: {rate:.0f} jobs/s ({profiled:.0f} jobs/s under cProfile), "
-          f"{args.rows} rows, batch size {runtime.settings.batch_size}")
+    print(
+        f"in-process relay: {rate:.0f} jobs/s ({profiled:.0f} jobs/s under cProfile), "
+        f"{args.rows} rows, batch size {runtime.settings.batch_size}"
+    )
     print(out.getvalue())
     return 0
 

@@ -131,8 +131,12 @@ def raw(env: Env, rows: int) -> dict[str, Any]:
     assert first is not None
     # measured like the relay processes: from the first batch in Redis to the last one
     rate = (rows - first[1]) / max(last - first[0], 1e-6)
-    return {"rows": rows, "seconds": round(seconds, 3), "jobs_per_s": round(rate),
-            "jobs_per_s_whole_loop": round(rows / seconds)}
+    return {
+        "rows": rows,
+        "seconds": round(seconds, 3),
+        "jobs_per_s": round(rate),
+        "jobs_per_s_whole_loop": round(rows / seconds),
+    }
 
 
 def task_arguments(message: str) -> tuple[list[Any], dict[str, Any]]:
@@ -196,5 +200,3 @@ def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         "relay_vs_naive": round(one / results["naive"]["jobs_per_s"], 2),
         "detail": results,
     }
-
-

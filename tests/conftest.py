@@ -39,8 +39,9 @@ def need(variable: str) -> str:
     return value
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
-             message: str = "condition") -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, message: str = "condition"
+) -> object:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -58,6 +59,7 @@ def free_port() -> int:
 
 
 # -- databases ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
@@ -103,6 +105,7 @@ def count_rows(engine: Engine, table: Table, **where: object) -> int:
 
 # -- redis ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """The shared test Redis, flushed before the test."""
@@ -128,9 +131,21 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis_lib.Redis(port=self.port)
         wait_for(lambda: _ping(client), timeout=10, message="redis to start")
@@ -166,6 +181,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 # -- processes: celery workers and standalone relays ---------------------------------------------
 
+
 @dataclass
 class Services:
     """Runs the test Celery app (tests/apps/celery_app.py) in real processes."""
@@ -197,33 +213,50 @@ class Services:
     def _spawn(self, name: str, argv: list[str], **extra: str) -> subprocess.Popen[bytes]:
         path = self.log_dir / f"{name}-{len(self.processes)}.log"
         with open(path, "wb") as log:
-            proc = subprocess.Popen(argv, env=self.env(**extra), stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=ROOT)
+            proc = subprocess.Popen(
+                argv, env=self.env(**extra), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
         proc.log_path = str(path)  # type: ignore[attr-defined]
         self.processes.append(proc)
         return proc
 
-    def worker(self, *, relay: bool = True, concurrency: int = 2, pool: str | None = None,
-               **extra: str) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "celery", "-A", "tests.apps.celery_app", "worker",
-                "--loglevel=INFO", f"--concurrency={concurrency}", "--without-gossip",
-                "--without-mingle", "--without-heartbeat", "-n", f"w{uuid.uuid4().hex[:6]}@%h"]
+    def worker(
+        self, *, relay: bool = True, concurrency: int = 2, pool: str | None = None, **extra: str
+    ) -> subprocess.Popen[bytes]:
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.apps.celery_app",
+            "worker",
+            "--loglevel=INFO",
+            f"--concurrency={concurrency}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            f"w{uuid.uuid4().hex[:6]}@%h",
+        ]
         if pool is not None:
             argv.append(f"--pool={pool}")
-        proc = self._spawn("worker", argv, RELIABLE_JOB_RELAY_IN_WORKER="1" if relay else "0",
-                           **extra)
-        wait_for(lambda: b"ready." in Path(proc.log_path).read_bytes()  # type: ignore[attr-defined]
-                 or proc.poll() is not None, timeout=60, message="celery worker ready")
+        proc = self._spawn("worker", argv, RELIABLE_JOB_RELAY_IN_WORKER="1" if relay else "0", **extra)
+        wait_for(
+            lambda: (
+                b"ready." in Path(proc.log_path).read_bytes()  # type: ignore[attr-defined]
+                or proc.poll() is not None
+            ),
+            timeout=60,
+            message="celery worker ready",
+        )
         assert proc.poll() is None, Path(proc.log_path).read_text()  # type: ignore[attr-defined]
         return proc
 
     def relay(self, **extra: str) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "reliable_job.cli", "relay",
-                "--app", "tests.apps.celery_app:app"]
+        argv = [sys.executable, "-m", "reliable_job.cli", "relay", "--app", "tests.apps.celery_app:app"]
         return self._spawn("relay", argv, **extra)
 
-    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
-             timeout: float = 30) -> int:
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if proc.poll() is None:
             proc.send_signal(sig)
         return proc.wait(timeout=timeout)
@@ -233,8 +266,9 @@ class Services:
 
     def executed(self) -> list[tuple[str, str, int]]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(self.executions.c.task_id, self.executions.c.marker,
-                                       self.executions.c.attempt)).all()
+            rows = conn.execute(
+                select(self.executions.c.task_id, self.executions.c.marker, self.executions.c.attempt)
+            ).all()
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
     def markers(self) -> list[str]:
@@ -248,8 +282,9 @@ class Services:
 
 
 @pytest.fixture
-def services(database_url: str, table_name: str, engine: Engine, outbox: Table,
-             redis_url: str, tmp_path: Path) -> Iterator[Services]:
+def services(
+    database_url: str, table_name: str, engine: Engine, outbox: Table, redis_url: str, tmp_path: Path
+) -> Iterator[Services]:
     """Worker and relay processes on this test's database, outbox table and Redis."""
     from tests.apps import celery_app
 
@@ -262,8 +297,9 @@ def services(database_url: str, table_name: str, engine: Engine, outbox: Table,
 
 
 @pytest.fixture
-def celery_app(database_url: str, table_name: str, redis_url: str, outbox: Table,
-               monkeypatch: pytest.MonkeyPatch):
+def celery_app(
+    database_url: str, table_name: str, redis_url: str, outbox: Table, monkeypatch: pytest.MonkeyPatch
+):
     """The test app in this process, reconfigured for this test's database, table and Redis."""
     from reliable_job.integrations.celery import install
     from tests.apps import celery_app as module
@@ -283,8 +319,7 @@ def stage_records(engine: Engine, prefix: str, count: int) -> list[str]:
     from tests.apps.celery_app import record
 
     with Session(engine) as session:
-        ids = [record.apply_async((f"{prefix}{i}",), reliable_job_session=session).id
-               for i in range(count)]
+        ids = [record.apply_async((f"{prefix}{i}",), reliable_job_session=session).id for i in range(count)]
         session.commit()
     return ids
 

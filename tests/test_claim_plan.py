@@ -33,8 +33,7 @@ def database(postgres_url: str, table_name: str) -> Iterator[SQLAlchemyDatabase]
     t = schema.validate_table_name(table_name)
     with db.engine.begin() as conn:
         # old rows first (sent, awaiting completion), the backlog after them: claim order is id
-        for state, sent_at, count in (("sent", "now()", SENT_ROWS),
-                                      ("pending", "NULL", PENDING_ROWS)):
+        for state, sent_at, count in (("sent", "now()", SENT_ROWS), ("pending", "NULL", PENDING_ROWS)):
             conn.execute(
                 text(
                     f"INSERT INTO {t} (job_id, task_name, queue, message, state, created_at, "

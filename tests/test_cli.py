@@ -15,8 +15,14 @@ from tests.conftest import ROOT, count_rows
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "reliable_job.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "reliable_job.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
 
 
 def test_status_json(celery_app, engine, outbox, database_url, table_name):
@@ -51,8 +57,18 @@ def test_init_db_creates_the_table(database_url, table_name, engine):
         assert out.returncode == 0, out.stderr
     insp = inspect(engine)
     assert {c["name"] for c in insp.get_columns(table_name)} >= {
-        "id", "job_id", "task_name", "queue", "message", "state", "attempts", "last_error",
-        "created_at", "sent_at", "updated_at"}
+        "id",
+        "job_id",
+        "task_name",
+        "queue",
+        "message",
+        "state",
+        "attempts",
+        "last_error",
+        "created_at",
+        "sent_at",
+        "updated_at",
+    }
     assert f"ix_{table_name}_pending" in {i["name"] for i in insp.get_indexes(table_name)}
     outbox_table(MetaData(), table_name).drop(engine)
 
@@ -96,8 +112,9 @@ def test_alembic_revision_creates_the_same_table_as_init_db(postgres_url, tmp_pa
     from alembic.migration import MigrationContext
 
     with engine.connect() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn),
-                                 outbox_table(MetaData(), table_name).metadata)
+        diffs = compare_metadata(
+            MigrationContext.configure(conn), outbox_table(MetaData(), table_name).metadata
+        )
     assert [d for d in diffs if concerns(d, table_name)] == [], "autogenerate sees no difference"
 
     other = f"{table_name}_b"
@@ -105,10 +122,13 @@ def test_alembic_revision_creates_the_same_table_as_init_db(postgres_url, tmp_pa
 
     def shape(name: str) -> tuple[object, ...]:
         insp = inspect(engine)
-        columns = [(c["name"], str(c["type"]), c["nullable"], str(c.get("default")))
-                   for c in insp.get_columns(name)]
-        indexes = sorted((i["name"].replace(name, "T"), tuple(i["column_names"]),
-                          str(i.get("dialect_options"))) for i in insp.get_indexes(name))
+        columns = [
+            (c["name"], str(c["type"]), c["nullable"], str(c.get("default"))) for c in insp.get_columns(name)
+        ]
+        indexes = sorted(
+            (i["name"].replace(name, "T"), tuple(i["column_names"]), str(i.get("dialect_options")))
+            for i in insp.get_indexes(name)
+        )
         uniques = sorted(u["name"].replace(name, "T") for u in insp.get_unique_constraints(name))
         return columns, indexes, uniques
 
@@ -134,13 +154,16 @@ def concerns(diff, table_name: str) -> bool:
     return diff[2] == table_name
 
 
-@pytest.mark.parametrize("args", [
-    ["status", "--database-url", "nosuchdriver://x"],
-    ["status", "--database-url", "postgresql+psycopg://user:s3cret@127.0.0.1:1/db"],
-    ["init-db", "--database-url", "sqlite:////nonexistent-dir/x.db"],
-    ["status", "--table", "bad name; drop"],
-    ["relay", "--app", "no.such.module:app"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--database-url", "nosuchdriver://x"],
+        ["status", "--database-url", "postgresql+psycopg://user:s3cret@127.0.0.1:1/db"],
+        ["init-db", "--database-url", "sqlite:////nonexistent-dir/x.db"],
+        ["status", "--table", "bad name; drop"],
+        ["relay", "--app", "no.such.module:app"],
+    ],
+)
 def test_bad_input_gives_one_line_error(args):
     """Bad URLs, names and apps give a one-line error, exit 2, no traceback, no password."""
     out = cli(*args)
@@ -153,9 +176,13 @@ def test_bad_input_gives_one_line_error(args):
 def test_relay_with_a_bad_broker_url_exits_with_one_line(tmp_path):
     """A broker URL with an unknown transport is a configuration error, not an outage."""
     (tmp_path / "badbroker.py").write_text(
-        "from celery import Celery\napp = Celery('b', broker='nosuchtransport://x')\n")
-    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin",
-           "RELIABLE_JOB_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+        "from celery import Celery\napp = Celery('b', broker='nosuchtransport://x')\n"
+    )
+    env = {
+        "PYTHONPATH": f"{tmp_path}:{ROOT}",
+        "PATH": "/usr/bin:/bin",
+        "RELIABLE_JOB_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}",
+    }
     out = cli("relay", "--app", "badbroker:app", env=env)
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("reliable-job: error: bad broker URL")

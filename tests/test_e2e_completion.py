@@ -22,8 +22,7 @@ def executions_at(services) -> list[tuple[str, str, int, float]]:
     """Like ``services.executed()``, with the time each execution was recorded (``at``)."""
     ex = services.executions
     with services.engine.connect() as conn:
-        rows = conn.execute(select(ex.c.task_id, ex.c.marker, ex.c.attempt, ex.c.at)
-                            .order_by(ex.c.id)).all()
+        rows = conn.execute(select(ex.c.task_id, ex.c.marker, ex.c.attempt, ex.c.at).order_by(ex.c.id)).all()
     return [(task_id, marker, attempt, float(at)) for task_id, marker, attempt, at in rows]
 
 
@@ -49,8 +48,10 @@ def test_success_and_celery_retries_settle_the_row(services, celery_app, engine,
     wait_for(lambda: row_of(engine, outbox, ok.id) is None, message="row deleted on success")
 
     retried = stage(engine, fail_then_succeed, "retried", kwargs={"failures": 1, "countdown": 3})
-    wait_for(lambda: ("retried:attempt", 0) in [(m, a) for _, m, a in services.executed()],
-             message="the first attempt")
+    wait_for(
+        lambda: ("retried:attempt", 0) in [(m, a) for _, m, a in services.executed()],
+        message="the first attempt",
+    )
     # The retry waits 3 s in the worker: meanwhile the row is still there, sent, and alone.
     rows = outbox_rows(engine, outbox)
     assert [(r["job_id"], r["state"]) for r in rows] == [(retried.id, "sent")]
@@ -58,18 +59,27 @@ def test_success_and_celery_retries_settle_the_row(services, celery_app, engine,
     wait_for(lambda: "retried" in services.markers(), timeout=30, message="the retry to succeed")
     wait_for(lambda: count_rows(engine, outbox) == 0, message="row deleted after the retry")
     runs = [(t, m, a) for t, m, a, _ in executions_at(services) if m.startswith("retried")]
-    assert runs == [(retried.id, "retried:attempt", 0), (retried.id, "retried:attempt", 1),
-                    (retried.id, "retried", 1)]
+    assert runs == [
+        (retried.id, "retried:attempt", 0),
+        (retried.id, "retried:attempt", 1),
+        (retried.id, "retried", 1),
+    ]
 
     failed = stage(engine, always_fail, "failed")
     exhausted = stage(engine, always_fail, "exhausted", kwargs={"retry": True})
-    wait_for(lambda: sum(m == "exhausted:attempt" for m in services.markers()) == 2,
-             message="both attempts of the retried failure")
+    wait_for(
+        lambda: sum(m == "exhausted:attempt" for m in services.markers()) == 2,
+        message="both attempts of the retried failure",
+    )
     wait_for(lambda: count_rows(engine, outbox) == 0, message="rows of failed jobs deleted")
     runs = [(t, m, a) for t, m, a in services.executed() if m.split(":")[0] in ("failed", "exhausted")]
-    assert sorted(runs) == sorted([(failed.id, "failed:attempt", 0),
-                                   (exhausted.id, "exhausted:attempt", 0),
-                                   (exhausted.id, "exhausted:attempt", 1)])
+    assert sorted(runs) == sorted(
+        [
+            (failed.id, "failed:attempt", 0),
+            (exhausted.id, "exhausted:attempt", 0),
+            (exhausted.id, "exhausted:attempt", 1),
+        ]
+    )
     services.stop(worker)
 
 
@@ -109,8 +119,11 @@ def test_task_id_countdown_and_eta_survive_staging(services, celery_app, engine,
     scheduled = stage(engine, record, "eta", eta=eta)
     assert {r["job_id"] for r in outbox_rows(engine, outbox)} == {now.id, later.id, scheduled.id}
 
-    wait_for(lambda: {"now", "countdown", "eta"} <= set(services.markers()), timeout=30,
-             message="the three jobs to run")
+    wait_for(
+        lambda: {"now", "countdown", "eta"} <= set(services.markers()),
+        timeout=30,
+        message="the three jobs to run",
+    )
     runs = {marker: (task_id, at) for task_id, marker, _, at in executions_at(services)}
     assert runs["now"][0] == now.id
     assert runs["countdown"][0] == later.id
@@ -135,17 +148,16 @@ def test_job_enqueued_inside_a_task_is_staged(services, celery_app, engine, outb
         wait_for(lambda: "parent" in services.markers(), message="the parent to run")
         wait_for(lambda: row_of(engine, outbox, parent.id) is None, message="parent row deleted")
         rows = outbox_rows(engine, outbox)
-        assert [(r["task_name"], r["state"]) for r in rows] == [
-            ("tests.apps.celery_app.record", "pending")
-        ]
+        assert [(r["task_name"], r["state"]) for r in rows] == [("tests.apps.celery_app.record", "pending")]
         child_id = rows[0]["job_id"]
         assert child_id != parent.id
         assert "parent:child" not in services.markers()  # nothing relayed it yet
 
         assert relay.run_once() == 1
         wait_for(lambda: "parent:child" in services.markers(), message="the child to run")
-        assert sorted(services.executed()) == sorted([(parent.id, "parent", 0),
-                                                      (child_id, "parent:child", 0)])
+        assert sorted(services.executed()) == sorted(
+            [(parent.id, "parent", 0), (child_id, "parent:child", 0)]
+        )
         wait_for(lambda: count_rows(engine, outbox) == 0, message="child row deleted")
     finally:
         relay.broker.close()
@@ -158,19 +170,23 @@ def test_a_revoked_job_is_buried_when_dead_jobs_are_preserved(services, celery_a
 
     worker = services.worker(RELIABLE_JOB_PRESERVE_DEAD_JOBS="1")
     doomed = stage(engine, record, "revoked", countdown=4)
-    wait_for(lambda: (row_of(engine, outbox, doomed.id) or {}).get("state") == "sent",
-             message="the job to be published")
+    wait_for(
+        lambda: (row_of(engine, outbox, doomed.id) or {}).get("state") == "sent",
+        message="the job to be published",
+    )
     celery_app.control.revoke(doomed.id)
-    wait_for(lambda: (row_of(engine, outbox, doomed.id) or {}).get("state") == "dead",
-             timeout=30, message="the revoked job's row to be buried")
+    wait_for(
+        lambda: (row_of(engine, outbox, doomed.id) or {}).get("state") == "dead",
+        timeout=30,
+        message="the revoked job's row to be buried",
+    )
     assert row_of(engine, outbox, doomed.id)["last_error"] == "revoked"
     assert "revoked" not in services.markers()
     services.stop(worker)
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
-def test_a_warm_shutdown_deletes_the_rows_still_buffered(services, celery_app, engine, outbox,
-                                                          pool):
+def test_a_warm_shutdown_deletes_the_rows_still_buffered(services, celery_app, engine, outbox, pool):
     """Batched completion: with a completion interval far longer than the test, the rows of
     finished jobs wait in the worker processes' buffers (still 'sent'); a warm shutdown (SIGTERM)
     deletes them before the worker exits (prefork children on worker_process_shutdown, the main

@@ -38,16 +38,16 @@ def test_redis_outage_keeps_rows_pending_then_delivers_once(services, own_broker
     once Redis is back every committed job runs exactly once and the outbox empties."""
     worker = services.worker()
     before = stage_records(engine, "before", 20)
-    wait_for(lambda: set(before) <= {t for t, _, _ in services.executed()},
-             message="the first jobs to run")
+    wait_for(lambda: set(before) <= {t for t, _, _ in services.executed()}, message="the first jobs to run")
     wait_for(lambda: count_rows(engine, outbox) == 0, message="their rows deleted")
 
     own_broker.stop()
     during = []
     for round_ in range(3):  # several commits while the broker is down
         during += stage_records(engine, f"during{round_}-", 10)
-    wait_for(lambda: "relay paused" in services.log(worker), timeout=30,
-             message="the relay to notice the outage")
+    wait_for(
+        lambda: "relay paused" in services.log(worker), timeout=30, message="the relay to notice the outage"
+    )
     time.sleep(2.5)  # let the relay retry several times (backoff cap 1 s) while Redis is down
     assert count_rows(engine, outbox, state="pending") == len(during)
     assert count_rows(engine, outbox) == len(during)
@@ -56,8 +56,11 @@ def test_redis_outage_keeps_rows_pending_then_delivers_once(services, own_broker
 
     own_broker.start()
     everything = before + during
-    wait_for(lambda: set(everything) <= {t for t, _, _ in services.executed()}, timeout=60,
-             message="every committed job to run after Redis came back")
+    wait_for(
+        lambda: set(everything) <= {t for t, _, _ in services.executed()},
+        timeout=60,
+        message="every committed job to run after Redis came back",
+    )
     wait_for(lambda: count_rows(engine, outbox) == 0, message="every row deleted")
     runs = Counter(t for t, _, _ in services.executed())
     assert runs == Counter(dict.fromkeys(everything, 1))
@@ -70,25 +73,23 @@ def test_redis_outage_keeps_rows_pending_then_delivers_once(services, own_broker
     services.stop(worker)
 
 
-def test_corrupt_row_goes_dead_and_the_rest_flow(services, celery_app, engine, outbox,
-                                                 database_url, table_name):
+def test_corrupt_row_goes_dead_and_the_rest_flow(
+    services, celery_app, engine, outbox, database_url, table_name
+):
     """A row whose message cannot be published is retried, then set dead with its error after
     max_publish_attempts while the rows around it run; retry-dead puts it back to pending."""
     from tests.apps.celery_app import record
 
     t = outbox
     with Session(engine) as session:
-        good = [record.apply_async((f"good{i}",), reliable_job_session=session).id
-                for i in range(10)]
+        good = [record.apply_async((f"good{i}",), reliable_job_session=session).id for i in range(10)]
         bad = record.apply_async(("bad",), reliable_job_session=session).id
-        good += [record.apply_async((f"good{i}",), reliable_job_session=session).id
-                 for i in range(10, 20)]
+        good += [record.apply_async((f"good{i}",), reliable_job_session=session).id for i in range(10, 20)]
         session.execute(update(t).where(t.c.job_id == bad).values(message="not json"))
         session.commit()
 
     worker = services.worker(RELIABLE_JOB_MAX_PUBLISH_ATTEMPTS="2", RELIABLE_JOB_BACKOFF_CAP="0.2")
-    wait_for(lambda: set(good) <= {t for t, _, _ in services.executed()},
-             message="the good jobs to run")
+    wait_for(lambda: set(good) <= {t for t, _, _ in services.executed()}, message="the good jobs to run")
 
     def bad_row():
         return next((r for r in outbox_rows(engine, outbox) if r["job_id"] == bad), {})
@@ -97,17 +98,30 @@ def test_corrupt_row_goes_dead_and_the_rest_flow(services, celery_app, engine, o
     row = bad_row()
     assert row["attempts"] == 2
     assert "CorruptMessage" in str(row["last_error"])
-    wait_for(lambda: [r["job_id"] for r in outbox_rows(engine, outbox)] == [bad],
-             message="only the corrupt row left")
+    wait_for(
+        lambda: [r["job_id"] for r in outbox_rows(engine, outbox)] == [bad],
+        message="only the corrupt row left",
+    )
     assert "bad" not in services.markers()
     assert sorted(services.markers()) == sorted(f"good{i}" for i in range(20))
     assert services.log(worker).count("cannot be published after 2 attempts") == 1
     services.stop(worker)
 
     cli = subprocess.run(
-        [sys.executable, "-m", "reliable_job.cli", "retry-dead", "--database-url", database_url,
-         "--table", table_name],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "reliable_job.cli",
+            "retry-dead",
+            "--database-url",
+            database_url,
+            "--table",
+            table_name,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert cli.returncode == 0, cli.stderr
     assert "1 dead job(s) back to pending" in cli.stdout
@@ -124,8 +138,10 @@ def test_relay_waits_out_an_unreachable_database(services, database_url):
     else:
         unreachable = "postgresql+psycopg://postgres@127.0.0.1:1/x"
     relay = services.relay(RELIABLE_JOB_DATABASE_URL=unreachable, RELIABLE_JOB_BACKOFF_CAP="0.3")
-    wait_for(lambda: "relay paused" in services.log(relay) or relay.poll() is not None,
-             message="the relay to hit the outage")
+    wait_for(
+        lambda: "relay paused" in services.log(relay) or relay.poll() is not None,
+        message="the relay to hit the outage",
+    )
     time.sleep(2)  # several retries (backoff cap 0.3 s)
     assert relay.poll() is None, services.log(relay)
     assert services.stop(relay) == 0

@@ -48,10 +48,13 @@ def executions_per_task(services) -> Counter[str]:
 def run_worker_until_done(services, engine, outbox, ids: list[str]) -> Counter[str]:
     """Start a worker (its relay off), wait until every job ran and every row is gone."""
     worker = services.worker(relay=False)
-    wait_for(lambda: set(executions_per_task(services)) >= set(ids), timeout=120, interval=0.5,
-             message=f"all {len(ids)} jobs to run")
-    wait_for(lambda: count_rows(engine, outbox) == 0, timeout=60, interval=0.2,
-             message="every row deleted")
+    wait_for(
+        lambda: set(executions_per_task(services)) >= set(ids),
+        timeout=120,
+        interval=0.5,
+        message=f"all {len(ids)} jobs to run",
+    )
+    wait_for(lambda: count_rows(engine, outbox) == 0, timeout=60, interval=0.2, message="every row deleted")
     runs = executions_per_task(services)
     services.stop(worker)
     return runs
@@ -76,8 +79,11 @@ def test_relays_killed_mid_batch_lose_nothing(services, celery_app, engine, outb
     # started first: the killed relays may have drained everything, and a relay stopped before
     # it installs its signal handlers dies of the SIGTERM instead of exiting 0
     wait_for(lambda: started(services, final), message="final relay started")
-    wait_for(lambda: count_rows(engine, outbox, state="pending") == 0, timeout=60,
-             message="the final relay to publish the rest")
+    wait_for(
+        lambda: count_rows(engine, outbox, state="pending") == 0,
+        timeout=60,
+        message="the final relay to publish the rest",
+    )
     assert services.stop(final) == 0
     assert states(engine, outbox) == Counter({"sent": total})
 
@@ -90,8 +96,7 @@ def test_relays_killed_mid_batch_lose_nothing(services, celery_app, engine, outb
     assert sum(runs.values()) - total <= batch * kills
 
 
-def test_two_relays_never_publish_a_row_twice(services, celery_app, engine, outbox, redis_url,
-                                              database_url):
+def test_two_relays_never_publish_a_row_twice(services, celery_app, engine, outbox, redis_url, database_url):
     """Two relays draining one table concurrently publish every row exactly once (SKIP LOCKED on
     PostgreSQL, one writer at a time on SQLite)."""
     total, batch = 2000, 50
@@ -100,8 +105,7 @@ def test_two_relays_never_publish_a_row_twice(services, celery_app, engine, outb
         wait_for(lambda relay=relay: started(services, relay), message="both relays started")
     ids = stage_records(engine, "t", total)  # one commit: both relays see the whole backlog at once
 
-    wait_for(lambda: count_rows(engine, outbox, state="sent") == total, timeout=60,
-             message="every row sent")
+    wait_for(lambda: count_rows(engine, outbox, state="sent") == total, timeout=60, message="every row sent")
     for relay in relays:
         assert services.stop(relay) == 0
     published = [int(services.log(r).rsplit("relay stopped (", 1)[1].split()[0]) for r in relays]
@@ -115,8 +119,7 @@ def test_two_relays_never_publish_a_row_twice(services, celery_app, engine, outb
     assert runs == Counter(dict.fromkeys(ids, 1))
 
 
-def test_sigterm_and_sigint_finish_the_batch_and_exit_0(services, celery_app, engine, outbox,
-                                                        redis_url):
+def test_sigterm_and_sigint_finish_the_batch_and_exit_0(services, celery_app, engine, outbox, redis_url):
     """SIGTERM and SIGINT make a busy relay finish its batch and exit 0: every row is pending or
     sent, exactly the sent ones are on the broker, and a later relay delivers the rest once."""
     total, batch = 1000, 10
@@ -124,8 +127,11 @@ def test_sigterm_and_sigint_finish_the_batch_and_exit_0(services, celery_app, en
     for sig in (signal.SIGTERM, signal.SIGINT):
         relay = services.relay(RELIABLE_JOB_BATCH_SIZE=str(batch))
         already = count_rows(engine, outbox, state="sent")
-        wait_for(lambda: count_rows(engine, outbox, state="sent") > already, interval=0.01,
-                 message="the relay to be publishing")
+        wait_for(
+            lambda: count_rows(engine, outbox, state="sent") > already,
+            interval=0.01,
+            message="the relay to be publishing",
+        )
         assert services.stop(relay, sig) == 0, services.log(relay)
         log = services.log(relay)
         assert f"signal {int(sig)}: finishing the batch in flight" in log
@@ -141,8 +147,11 @@ def test_sigterm_and_sigint_finish_the_batch_and_exit_0(services, celery_app, en
     # started first: the killed relays may have drained everything, and a relay stopped before
     # it installs its signal handlers dies of the SIGTERM instead of exiting 0
     wait_for(lambda: started(services, final), message="final relay started")
-    wait_for(lambda: count_rows(engine, outbox, state="sent") == total, timeout=60,
-             message="the final relay to publish the rest")
+    wait_for(
+        lambda: count_rows(engine, outbox, state="sent") == total,
+        timeout=60,
+        message="the final relay to publish the rest",
+    )
     assert services.stop(final) == 0
     assert sorted(queued_ids(redis_url)) == sorted(ids)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 
-def test_async_result_get_returns_the_staged_jobs_result(services, celery_app, engine, redis_url,
-                                                         monkeypatch):
+def test_async_result_get_returns_the_staged_jobs_result(
+    services, celery_app, engine, redis_url, monkeypatch
+):
     """`.get()` on the AsyncResult of a staged job returns its result (the subscription is lazy)."""
     from tests.apps.celery_app import record
 

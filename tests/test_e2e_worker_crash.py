@@ -32,8 +32,7 @@ def test_a_killed_worker_loses_no_committed_job(services, celery_app, engine, ou
 
     total = 300
     with Session(engine) as session:
-        ids = [slow_record.apply_async((f"job{i}",), reliable_job_session=session).id
-               for i in range(total)]
+        ids = [slow_record.apply_async((f"job{i}",), reliable_job_session=session).id for i in range(total)]
         session.commit()
     env = {"RELIABLE_JOB_REDELIVER_AFTER": "3", "RELIABLE_JOB_BATCH_SIZE": "50"}
     worker = services.worker(**env)
@@ -45,8 +44,9 @@ def test_a_killed_worker_loses_no_committed_job(services, celery_app, engine, ou
     assert ran_before < total, "the worker was killed in the middle of its work"
 
     replacement = services.worker(**env)
-    wait_for(lambda: count_rows(engine, outbox) == 0, timeout=180,
-             message="every job completed after the crash")
+    wait_for(
+        lambda: count_rows(engine, outbox) == 0, timeout=180, message="every job completed after the crash"
+    )
     executed = {task_id for task_id, _, _ in services.executed()}
     assert executed == set(ids)
     services.stop(replacement)

@@ -43,6 +43,10 @@ def test_quickstart_stages_then_relays_the_job(tmp_path, redis_url, monkeypatch)
     message = json.loads(client.lpop("celery"))
     assert message["headers"]["task"] == "shop.send_receipt"
     assert runtime.database.status().as_dict() | {"oldest_pending_seconds": None} == {
-        "pending": 0, "sent": 1, "dead": 0, "oldest_pending_seconds": None}
+        "pending": 0,
+        "sent": 1,
+        "dead": 0,
+        "oldest_pending_seconds": None,
+    }
     namespace["Session"].remove()  # type: ignore[attr-defined]
     client.close()

@@ -117,13 +117,13 @@ def test_implicit_session_provider_joins_the_current_transaction(
 
 
 @pytest.mark.parametrize("enable_for_all", [False, True])
-def test_which_tasks_are_staged(celery_app, engine, outbox, redis_url, table_name, database_url,
-                                enable_for_all):
+def test_which_tasks_are_staged(
+    celery_app, engine, outbox, redis_url, table_name, database_url, enable_for_all
+):
     """Opt-in tasks are always staged, opt-out never, others follow enable_for_all_jobs."""
     from tests.apps.celery_app import opt_out_record, plain_record, record
 
-    install(celery_app, database_url=database_url, table_name=table_name,
-            enable_for_all_jobs=enable_for_all)
+    install(celery_app, database_url=database_url, table_name=table_name, enable_for_all_jobs=enable_for_all)
     with Session(engine) as session, reliable_job.bind(session):
         opt_in = record.delay("in")
         plain = plain_record.delay("plain")
@@ -185,8 +185,9 @@ def without_delivery_tag(raw: bytes) -> tuple[bytes, str]:
 
 @pytest.mark.parametrize("path", ["fast", "kombu", "v1-fast", "v1-kombu"])
 @pytest.mark.parametrize("priority", [None, 5])
-def test_relay_puts_in_redis_what_a_direct_apply_async_would(celery_app, engine, outbox, redis_url,
-                                                              monkeypatch, path, priority):
+def test_relay_puts_in_redis_what_a_direct_apply_async_would(
+    celery_app, engine, outbox, redis_url, monkeypatch, path, priority
+):
     """A relayed message is byte for byte what a direct apply_async puts in Redis (but for its
     fresh delivery tag): same payload, same key (priority queues included), same kombu binding
     bookkeeping; through the Redis fast path and kombu's own path, from a v2 row and from a v1 row
@@ -198,8 +199,14 @@ def test_relay_puts_in_redis_what_a_direct_apply_async_would(celery_app, engine,
     if path.startswith("v1"):
         monkeypatch.setattr(CapturedPublish, "to_json", CapturedPublish._to_json_v1)
     client = redis_lib.Redis.from_url(redis_url)
-    options = dict(task_id="same", queue="reports", priority=priority, headers={"tenant": "t1"},
-                   expires=600, link=record.si("after"))
+    options = dict(
+        task_id="same",
+        queue="reports",
+        priority=priority,
+        headers={"tenant": "t1"},
+        expires=600,
+        link=record.si("after"),
+    )
     with Session(engine) as session:
         record.apply_async(("x",), reliable_job_session=session, **options)
         session.commit()
@@ -210,6 +217,7 @@ def test_relay_puts_in_redis_what_a_direct_apply_async_would(celery_app, engine,
     if path.endswith("kombu"):
         relay.broker.fast_path = False
     else:
+
         def no_kombu(*args, **kwargs):
             raise AssertionError("the fast path handed the message to kombu")
 

@@ -19,8 +19,11 @@ def store(request, tmp_path, table_name):
     if request.param == "memory":
         yield InMemoryStore()
         return
-    url = (f"sqlite:///{tmp_path / 'store.sqlite3'}" if request.param == "sqlite"
-           else need("RELIABLE_JOB_TEST_POSTGRES_URL"))
+    url = (
+        f"sqlite:///{tmp_path / 'store.sqlite3'}"
+        if request.param == "sqlite"
+        else need("RELIABLE_JOB_TEST_POSTGRES_URL")
+    )
     db = SQLAlchemyDatabase(Settings(database_url=url, table_name=table_name))
     db.create_table()
     yield db
@@ -45,8 +48,9 @@ def age_sent(store, seconds):
     with store.engine.begin() as conn:
         for row_id, sent_at in conn.execute(t.select().with_only_columns(t.c.id, t.c.sent_at)):
             if sent_at is not None:
-                conn.execute(update(t).where(t.c.id == row_id)
-                             .values(sent_at=sent_at - timedelta(seconds=seconds)))
+                conn.execute(
+                    update(t).where(t.c.id == row_id).values(sent_at=sent_at - timedelta(seconds=seconds))
+                )
 
 
 def job(i, eta=None):
@@ -95,8 +99,7 @@ def test_complete_and_bury(store):
     assert store.complete("job-0") == 1
     assert store.complete("job-0") == 0
     assert store.bury("job-1", "ValueError: x") == 1
-    assert store.status().as_dict() == {"pending": 0, "sent": 0, "dead": 1,
-                                        "oldest_pending_seconds": None}
+    assert store.status().as_dict() == {"pending": 0, "sent": 0, "dead": 1, "oldest_pending_seconds": None}
 
 
 def test_complete_many_deletes_every_listed_row_in_one_call(store):
@@ -112,8 +115,7 @@ def test_complete_many_deletes_every_listed_row_in_one_call(store):
         assert sorted(r.job_id for r in claim.rows) == ["job-1", "job-3"]
         claim.mark_sent([r.id for r in claim.rows])
     assert store.complete_many(["job-1", "job-3"]) == 2
-    assert store.status().as_dict() == {"pending": 0, "sent": 0, "dead": 0,
-                                        "oldest_pending_seconds": None}
+    assert store.status().as_dict() == {"pending": 0, "sent": 0, "dead": 0, "oldest_pending_seconds": None}
 
 
 def test_staging_the_same_job_id_twice_keeps_one_row(store):
@@ -168,10 +170,16 @@ def test_completion_survives_a_lost_connection_and_a_fork_on_postgresql(postgres
 
     def kill_completion_connections() -> None:
         with db.engine.begin() as conn:
-            killed = conn.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE query LIKE 'DELETE FROM %' AND pid <> pg_backend_pid()"
-            )).scalars().all()
+            killed = (
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE query LIKE 'DELETE FROM %' AND pid <> pg_backend_pid()"
+                    )
+                )
+                .scalars()
+                .all()
+            )
         assert killed and all(killed)
 
     db.create_table()
@@ -209,11 +217,13 @@ def test_claims_walk_the_pending_index_even_before_analyze_on_postgresql(postgre
     db.create_table()
     try:
         with db.engine.begin() as conn:
-            conn.execute(text(
-                f"INSERT INTO {table_name} (job_id, task_name, queue, message, created_at, "
-                "updated_at) SELECT 'j' || g, 't', 'q', 'm', now(), now() "
-                "FROM generate_series(1, 20000) g"
-            ))
+            conn.execute(
+                text(
+                    f"INSERT INTO {table_name} (job_id, task_name, queue, message, created_at, "
+                    "updated_at) SELECT 'j' || g, 't', 'q', 'm', now(), now() "
+                    "FROM generate_series(1, 20000) g"
+                )
+            )
         plan = "\n".join(db.explain_claim(500))
         assert f"Index Scan using ix_{table_name}_pending" in plan, plan
         assert "Sort" not in plan and "Seq Scan" not in plan, plan

@@ -50,8 +50,9 @@ def stop(relay, thread: threading.Thread) -> None:
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_a_commit_wakes_a_relay_with_a_long_poll_interval(pg_app, engine, outbox, redis_url,
-                                                          database_url, table_name):
+def test_a_commit_wakes_a_relay_with_a_long_poll_interval(
+    pg_app, engine, outbox, redis_url, database_url, table_name
+):
     """An idle relay polling every 30 s publishes a job staged and committed on PostgreSQL well
     before its next poll: the staging transaction notified it."""
     runtime = install(pg_app, database_url=database_url, table_name=table_name, poll_interval=30)
@@ -60,8 +61,9 @@ def test_a_commit_wakes_a_relay_with_a_long_poll_interval(pg_app, engine, outbox
     try:
         wait_for(lambda: relay.listening, timeout=10, message="the relay to listen")
         stage_one(engine, "woken")
-        wait_for(lambda: in_redis(redis_url) == 1, timeout=10,
-                 message="the job in Redis long before the 30 s poll")
+        wait_for(
+            lambda: in_redis(redis_url) == 1, timeout=10, message="the job in Redis long before the 30 s poll"
+        )
         assert relay.wakeups >= 1
     finally:
         stop(relay, thread)
@@ -69,14 +71,12 @@ def test_a_commit_wakes_a_relay_with_a_long_poll_interval(pg_app, engine, outbox
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_staging_notifies_only_committed_transactions(pg_app, engine, outbox, database_url,
-                                                       table_name):
+def test_staging_notifies_only_committed_transactions(pg_app, engine, outbox, database_url, table_name):
     """The NOTIFY rides on the staging transaction: delivered at its commit, never if it rolls
     back; and at most one per notify_interval from a process."""
     from tests.apps.celery_app import record
 
-    runtime = install(pg_app, database_url=database_url, table_name=table_name,
-                      notify_interval=3600)
+    runtime = install(pg_app, database_url=database_url, table_name=table_name, notify_interval=3600)
     url = database_url.replace("postgresql+psycopg", "postgresql")
     with psycopg.connect(url, autocommit=True) as listener:
         listener.execute(f'LISTEN "{table_name}_staged"')
@@ -93,12 +93,12 @@ def test_staging_notifies_only_committed_transactions(pg_app, engine, outbox, da
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_with_listen_notify_off_the_relay_polls(pg_app, engine, outbox, redis_url, database_url,
-                                                table_name):
+def test_with_listen_notify_off_the_relay_polls(pg_app, engine, outbox, redis_url, database_url, table_name):
     """listen_notify=False (PgBouncer in transaction mode): no LISTEN, no NOTIFY, and polling
     still delivers."""
-    runtime = install(pg_app, database_url=database_url, table_name=table_name,
-                      listen_notify=False, poll_interval=0.1)
+    runtime = install(
+        pg_app, database_url=database_url, table_name=table_name, listen_notify=False, poll_interval=0.1
+    )
     assert not runtime.database.stager.notify_due()
     relay = runtime.relay()
     thread = run(relay)
@@ -113,12 +113,12 @@ def test_with_listen_notify_off_the_relay_polls(pg_app, engine, outbox, redis_ur
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_a_lost_listening_connection_falls_back_to_polling(pg_app, engine, outbox, redis_url,
-                                                           database_url, table_name, caplog):
+def test_a_lost_listening_connection_falls_back_to_polling(
+    pg_app, engine, outbox, redis_url, database_url, table_name, caplog
+):
     """When LISTEN cannot be set up, or its connection is killed, the relay logs it, keeps
     delivering by polling, and listens again later."""
-    runtime = install(pg_app, database_url=database_url, table_name=table_name,
-                      poll_interval=0.1)
+    runtime = install(pg_app, database_url=database_url, table_name=table_name, poll_interval=0.1)
     real_listener = runtime.database.listener
     calls = []
 
@@ -137,15 +137,22 @@ def test_a_lost_listening_connection_falls_back_to_polling(pg_app, engine, outbo
             stage_one(engine, "first")
             wait_for(lambda: in_redis(redis_url) == 1, timeout=30, message="the first job")
             wait_for(lambda: relay.listening, timeout=30, message="the relay to listen")
-            killed = sql(engine, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                 f"WHERE query LIKE 'LISTEN \"{table_name}_staged\"%'")
+            killed = sql(
+                engine,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE query LIKE 'LISTEN \"{table_name}_staged\"%'",
+            )
             assert killed == [(True,)]
-            wait_for(lambda: any("stopped listening" in r.getMessage() for r in caplog.records),
-                     timeout=30, message="the relay to notice")
+            wait_for(
+                lambda: any("stopped listening" in r.getMessage() for r in caplog.records),
+                timeout=30,
+                message="the relay to notice",
+            )
             stage_one(engine, "second")
             wait_for(lambda: in_redis(redis_url) == 2, timeout=30, message="the second job")
-            wait_for(lambda: len(calls) >= 3 and relay.listening, timeout=30,
-                     message="the relay to listen again")
+            wait_for(
+                lambda: len(calls) >= 3 and relay.listening, timeout=30, message="the relay to listen again"
+            )
         finally:
             stop(relay, thread)
     messages = [r.getMessage() for r in caplog.records]

@@ -23,9 +23,7 @@ logger = logging.getLogger(__name__)
 def _database(args: argparse.Namespace) -> Any:
     from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase
 
-    return SQLAlchemyDatabase(
-        Settings.from_env(database_url=args.database_url, table_name=args.table)
-    )
+    return SQLAlchemyDatabase(Settings.from_env(database_url=args.database_url, table_name=args.table))
 
 
 def _load_app(spec: str) -> Any:
@@ -43,8 +41,15 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
     app = _load_app(args.app)
     runtime = getattr(app, "reliable_job", None)
-    overrides = {k: v for k, v in (("database_url", args.database_url), ("table_name", args.table),
-                                   ("batch_size", args.batch_size)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("database_url", args.database_url),
+            ("table_name", args.table),
+            ("batch_size", args.batch_size),
+        )
+        if v is not None
+    }
     if runtime is None:
         runtime = install(app, **overrides)
     elif overrides:
@@ -85,12 +90,14 @@ def format_status(status: OutboxStatus, *, as_json: bool) -> str:
     if as_json:
         return json.dumps(status.as_dict())
     age = status.oldest_pending_seconds
-    return "\n".join([
-        f"pending: {status.pending}",
-        f"sent (awaiting completion): {status.sent}",
-        f"dead: {status.dead}",
-        f"oldest pending: {'-' if age is None else f'{age:.1f}s'}",
-    ])
+    return "\n".join(
+        [
+            f"pending: {status.pending}",
+            f"sent (awaiting completion): {status.sent}",
+            f"dead: {status.dead}",
+            f"oldest pending: {'-' if age is None else f'{age:.1f}s'}",
+        ]
+    )
 
 
 def cmd_migration(args: argparse.Namespace) -> int:

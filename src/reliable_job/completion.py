@@ -84,10 +84,11 @@ class Completion:
             self._add(job_id)
             return
         try:
-            self.store.complete(job_id)
+            self.store.complete_many([job_id])
         except Exception:
             logger.exception(
-                "could not delete the outbox row of job %s", job_id,
+                "could not delete the outbox row of job %s",
+                job_id,
                 extra={"reliable_job.job_id": job_id},
             )
 
@@ -99,10 +100,11 @@ class Completion:
             if self.preserve_dead_jobs:
                 self.store.bury(job_id, error)
             else:
-                self.store.complete(job_id)
+                self.store.complete_many([job_id])
         except Exception:
             logger.exception(
-                "could not finish the outbox row of failed job %s", job_id,
+                "could not finish the outbox row of failed job %s",
+                job_id,
                 extra={"reliable_job.job_id": job_id},
             )
 
@@ -128,7 +130,9 @@ class Completion:
                 dropped = self._pending.popleft()
                 logger.warning(
                     "completion buffer full (%d ids): not deleting the row of job %s; it will be "
-                    "published again after redeliver_after", self.max_buffered, dropped,
+                    "published again after redeliver_after",
+                    self.max_buffered,
+                    dropped,
                     extra={"reliable_job.job_id": dropped},
                 )
             self._pending.append(job_id)
@@ -137,7 +141,9 @@ class Completion:
                 flush_now = True  # closed (shutting down): no flusher any more
             elif self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._run, args=(self._pid,), name="reliable-job-completion",
+                    target=self._run,
+                    args=(self._pid,),
+                    name="reliable-job-completion",
                     daemon=True,
                 )
                 start = True
@@ -171,8 +177,7 @@ class Completion:
                 with self._lock:
                     if self._pid != self._getpid() or not self._pending:
                         return deleted
-                    ids = [self._pending.popleft()
-                           for _ in range(min(self.batch, len(self._pending)))]
+                    ids = [self._pending.popleft() for _ in range(min(self.batch, len(self._pending)))]
                 try:
                     deleted += self.store.complete_many(ids)
                 except Exception:
@@ -194,7 +199,9 @@ class Completion:
                 dropped = [self._pending.popleft() for _ in range(excess)]
                 logger.warning(
                     "completion buffer full (%d ids): not deleting the rows of %d jobs; they will "
-                    "be published again after redeliver_after", self.max_buffered, len(dropped),
+                    "be published again after redeliver_after",
+                    self.max_buffered,
+                    len(dropped),
                 )
 
     def _run(self, pid: int) -> None:

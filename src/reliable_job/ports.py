@@ -6,7 +6,7 @@ fakes for unit tests of the core.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -76,9 +76,6 @@ class OutboxStore(Protocol):
         Raises :class:`~reliable_job.errors.DatabaseUnavailable` when the database is down.
         """
 
-    def complete(self, job_id: str) -> int:
-        """Delete the job's row; return how many rows went."""
-
     def complete_many(self, job_ids: Sequence[str]) -> int:
         """Delete the rows of all these jobs (in one statement where the database allows);
         return how many rows went."""
@@ -95,6 +92,11 @@ class OutboxStore(Protocol):
         """Sent rows neither completed nor due within ``older_than`` seconds go back to pending
         (they are published again); those already published ``max_deliveries`` times go dead.
         Returns ``(requeued, dead)``."""
+
+    def listener(self) -> Wakeup | None:
+        """A relay's wake-up source (PostgreSQL ``LISTEN``), or ``None`` where the relay polls.
+
+        Raises when listening fails: the relay polls and tries again later."""
 
 
 class Wakeup(Protocol):
@@ -131,5 +133,28 @@ class Broker(Protocol):
     def close(self) -> None: ...
 
 
-def iter_ids(rows: Sequence[ClaimedRow]) -> Iterator[int]:
-    return (row.id for row in rows)
+class JobStager(Protocol):
+    """Writes staged jobs in the right transaction (:class:`reliable_job.staging.Stager`)."""
+
+    def stage(self, jobs: Sequence[StagedJob], target: object = None) -> None:
+        """Write ``jobs`` in ``target``'s transaction, or in the one :mod:`reliable_job.staging`
+        resolves when ``target`` is ``None``."""
+
+
+class OutboxDatabase(OutboxStore, Protocol):
+    """What a database layer hands a job-system integration: a stager, and the store(s) the relay,
+    completion and the CLI use.
+
+    Implemented by the SQLAlchemy layer (``integrations.sqlalchemy``), the Django layer
+    (``integrations.django``, one store per database alias) and the in-memory fake
+    (``reliable_job.testing``).
+    """
+
+    @property
+    def stager(self) -> JobStager: ...
+
+    def relay_stores(self) -> Sequence[OutboxStore]:
+        """The stores relays drain: one per database that holds an outbox."""
+
+    def close(self) -> None:
+        """Release what the database layer holds (connections kept by completion)."""

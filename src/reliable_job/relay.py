@@ -93,14 +93,20 @@ class Relay:
                 if attempts >= self.max_publish_attempts:
                     logger.error(
                         "job %s cannot be published after %d attempts, set dead: %s",
-                        row.job_id, attempts, text, extra={"reliable_job.job_id": row.job_id},
+                        row.job_id,
+                        attempts,
+                        text,
+                        extra={"reliable_job.job_id": row.job_id},
                     )
                     claim.mark_failed(row, text, retry_in=None)
                 else:
                     retry_in = backoff_delay(attempts, cap=self.backoff_cap)
                     logger.warning(
                         "job %s could not be published (attempt %d), retrying in %.1fs: %s",
-                        row.job_id, attempts, retry_in, text,
+                        row.job_id,
+                        attempts,
+                        retry_in,
+                        text,
                         extra={"reliable_job.job_id": row.job_id},
                     )
                     claim.mark_failed(row, text, retry_in=retry_in)
@@ -150,7 +156,8 @@ class Relay:
         except Exception as exc:
             logger.warning(
                 "relay stopped listening for new jobs, polling every %.2fs: %s",
-                self.poll_interval, exc,
+                self.poll_interval,
+                exc,
             )
             self._close_wakeup()
             self._listen_at = self._clock() + self.listen_retry
@@ -170,7 +177,8 @@ class Relay:
             if not self._listen_failed:
                 logger.warning(
                     "relay cannot listen for new jobs, polling every %.2fs instead: %s",
-                    self.poll_interval, exc,
+                    self.poll_interval,
+                    exc,
                 )
             self._listen_failed = True
             return None
@@ -201,18 +209,18 @@ class Relay:
         if not self.redeliver_after or self._clock() < self._next_redelivery:
             return
         self._next_redelivery = self._clock() + min(60.0, max(1.0, self.redeliver_after / 10))
-        requeued, dead = self.store.requeue_unfinished(
-            self.redeliver_after, self.max_publish_attempts
-        )
+        requeued, dead = self.store.requeue_unfinished(self.redeliver_after, self.max_publish_attempts)
         if requeued:
             logger.warning(
                 "%d job(s) published more than %.0fs ago never completed: publishing them again",
-                requeued, self.redeliver_after,
+                requeued,
+                self.redeliver_after,
             )
         if dead:
             logger.error(
                 "%d job(s) never completed after %d deliveries: set dead",
-                dead, self.max_publish_attempts,
+                dead,
+                self.max_publish_attempts,
             )
 
     def stop(self) -> None:
@@ -230,8 +238,6 @@ class Relay:
 
     def _on_success(self) -> None:
         if self._outage_since is not None:
-            logger.warning(
-                "relay resumed after %.1fs", time.monotonic() - self._outage_since
-            )
+            logger.warning("relay resumed after %.1fs", time.monotonic() - self._outage_since)
             self._outage_since = None
             self._outage_attempts = 0

@@ -82,9 +82,7 @@ class Settings:
             raise ConfigurationError("max_publish_attempts must be at least 1")
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then ``RELIABLE_JOB_<NAME>`` variables, then ``overrides``."""
         environ = os.environ if environ is None else environ
         known = {f.name: f for f in fields(cls)}
@@ -119,7 +117,5 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
         if kind == "float":
             return float(raw)
     except ValueError:
-        raise ConfigurationError(
-            f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}"
-        ) from None
+        raise ConfigurationError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from None
     return raw

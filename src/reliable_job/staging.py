@@ -115,6 +115,8 @@ class Stager:
         if logger.isEnabledFor(logging.DEBUG):
             for job in jobs:
                 logger.debug(
-                    "staged %s[%s]", job.task_name, job.job_id,
+                    "staged %s[%s]",
+                    job.task_name,
+                    job.job_id,
                     extra={"reliable_job.job_id": job.job_id},
                 )

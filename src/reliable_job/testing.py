@@ -38,9 +38,7 @@ class _FakeClaim:
     def mark_sent(self, ids: Sequence[int]) -> None:
         for row_id in ids:
             attempts = self._store.rows[row_id].attempts + 1
-            self._changes.append(
-                (row_id, {"state": SENT, "attempts": attempts, "sent_at": time.time()})
-            )
+            self._changes.append((row_id, {"state": SENT, "attempts": attempts, "sent_at": time.time()}))
 
     def mark_failed(self, row: ClaimedRow, error: str, *, retry_in: float | None) -> None:
         change: dict[str, object] = {"attempts": row.attempts + 1, "last_error": error}
@@ -73,13 +71,12 @@ class InMemoryStore:
         now = time.time()
         with self._lock:
             picked = [
-                r for r in sorted(self.rows.values(), key=lambda r: r.id)
+                r
+                for r in sorted(self.rows.values(), key=lambda r: r.id)
                 if r.state == PENDING and r.available_at <= now and r.id not in self._locked
             ][:limit]
             self._locked.update(r.id for r in picked)
-        claim = _FakeClaim(
-            self, [ClaimedRow(r.id, r.job.job_id, r.job.message, r.attempts) for r in picked]
-        )
+        claim = _FakeClaim(self, [ClaimedRow(r.id, r.job.job_id, r.job.message, r.attempts) for r in picked])
         try:
             yield claim
             with self._lock:  # commit

@@ -47,9 +47,9 @@ def _record(task_id: str, marker: str, attempt: int = 0) -> None:
 
         _engine = create_outbox_engine(runtime.settings.database_url)
     with _engine.begin() as conn:
-        conn.execute(insert(executions).values(
-            task_id=task_id, marker=marker, attempt=attempt, at=repr(time.time())
-        ))
+        conn.execute(
+            insert(executions).values(task_id=task_id, marker=marker, attempt=attempt, at=repr(time.time()))
+        )
 
 
 @app.task(bind=True, reliable_job=True)

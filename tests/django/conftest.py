@@ -36,9 +36,7 @@ if missing:
 else:
     if str(EXAMPLE) not in sys.path:
         sys.path.insert(0, str(EXAMPLE))
-    os.environ.setdefault(
-        "RJ_DJ_SQLITE", str(Path(tempfile.mkdtemp(prefix="rj-django-")) / "outbox.sqlite3")
-    )
+    os.environ.setdefault("RJ_DJ_SQLITE", str(Path(tempfile.mkdtemp(prefix="rj-django-")) / "outbox.sqlite3"))
     _previous = os.environ.get("DJANGO_SETTINGS_MODULE")
     os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS  # proj.celery's app gets Celery's Django fixup
     try:
@@ -77,27 +75,43 @@ class Processes:
     def spawn(self, name: str, argv: list[str], **extra: str) -> subprocess.Popen[bytes]:
         path = self.log_dir / f"{name}-{len(self.processes)}.log"
         with open(path, "wb") as log:
-            proc = subprocess.Popen(argv, env=env(**extra), stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=EXAMPLE)
+            proc = subprocess.Popen(argv, env=env(**extra), stdout=log, stderr=subprocess.STDOUT, cwd=EXAMPLE)
         proc.log_path = str(path)  # type: ignore[attr-defined]
         self.processes.append(proc)
         return proc
 
     def worker(self, **extra: str) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "celery", "-A", "proj", "worker", "--loglevel=INFO",
-                "--concurrency=2", "--without-gossip", "--without-mingle", "--without-heartbeat",
-                "-n", f"dj{uuid.uuid4().hex[:6]}@%h"]
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "proj",
+            "worker",
+            "--loglevel=INFO",
+            "--concurrency=2",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            f"dj{uuid.uuid4().hex[:6]}@%h",
+        ]
         proc = self.spawn("worker", argv, **extra)
-        wait_for(lambda: b"ready." in Path(proc.log_path).read_bytes()  # type: ignore[attr-defined]
-                 or proc.poll() is not None, timeout=90, message="celery worker ready")
+        wait_for(
+            lambda: (
+                b"ready." in Path(proc.log_path).read_bytes()  # type: ignore[attr-defined]
+                or proc.poll() is not None
+            ),
+            timeout=90,
+            message="celery worker ready",
+        )
         assert proc.poll() is None, self.log(proc)
         return proc
 
     def manage(self, *args: str, **extra: str) -> subprocess.Popen[bytes]:
         return self.spawn("manage", [sys.executable, "manage.py", *args], **extra)
 
-    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
-             timeout: float = 60) -> int:
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if proc.poll() is None:
             proc.send_signal(sig)
         return proc.wait(timeout=timeout)
@@ -139,8 +153,7 @@ def outbox(alias: str = "default") -> list[tuple[str, str, str]]:
     """``(task_name, state, job_id)`` of every outbox row of ``alias``."""
     from reliable_job.integrations.django.models import OutboxJob
 
-    return list(OutboxJob.objects.using(alias).order_by("id")
-                .values_list("task_name", "state", "job_id"))
+    return list(OutboxJob.objects.using(alias).order_by("id").values_list("task_name", "state", "job_id"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,19 +21,24 @@ def rows():
     from tests.django.testapp.tasks import always_fail, record
 
     pending, dead, sent = record.delay("p").id, always_fail.delay("d").id, record.delay("s").id
-    OutboxJob.objects.filter(job_id=dead).update(state="dead", attempts=5,
-                                                 last_error="ValueError: boom d")
+    OutboxJob.objects.filter(job_id=dead).update(state="dead", attempts=5, last_error="ValueError: boom d")
     OutboxJob.objects.filter(job_id=sent).update(state="sent", attempts=1)
     return {row.job_id: row.pk for row in OutboxJob.objects.all()} | {
-        "pending": pending, "dead": dead, "sent": sent}
+        "pending": pending,
+        "dead": dead,
+        "sent": sent,
+    }
 
 
 def listed(content: bytes) -> set[str]:
     from reliable_job.integrations.django.models import OutboxJob
 
     text = content.decode()
-    return {job_id for job_id in OutboxJob.objects.values_list("job_id", flat=True)
-            if f"{URL}{OutboxJob.objects.get(job_id=job_id).pk}/" in text}
+    return {
+        job_id
+        for job_id in OutboxJob.objects.values_list("job_id", flat=True)
+        if f"{URL}{OutboxJob.objects.get(job_id=job_id).pk}/" in text
+    }
 
 
 def test_list_shows_state_task_queue_age_attempts_error(admin_client, rows):
@@ -55,12 +60,14 @@ def test_filters_by_state_and_task(admin_client, rows):
 
 def test_retry_dead_action_only_touches_dead_rows(admin_client, rows):
     pks = [rows[rows[name]] for name in ("pending", "dead", "sent")]
-    response = admin_client.post(URL, {"action": "retry_dead", "_selected_action": pks},
-                                 follow=True)
+    response = admin_client.post(URL, {"action": "retry_dead", "_selected_action": pks}, follow=True)
     assert response.status_code == 200
     assert "1 dead job(s) back to pending." in response.content.decode()
     assert {job_id: state for _, state, job_id in outbox()} == {
-        rows["pending"]: "pending", rows["dead"]: "pending", rows["sent"]: "sent"}
+        rows["pending"]: "pending",
+        rows["dead"]: "pending",
+        rows["sent"]: "sent",
+    }
 
 
 def test_discard_action_deletes_the_selected_rows(admin_client, rows):

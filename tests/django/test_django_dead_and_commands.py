@@ -23,8 +23,14 @@ pytestmark = [pytest.mark.django_db(transaction=True, databases=ALL_DATABASES), 
 
 
 def manage(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=EXAMPLE, env=env(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=EXAMPLE,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def states(alias: str = "default") -> list[str]:
@@ -76,8 +82,7 @@ def test_status_and_retry_dead_in_process_per_database():
     assert doc["oldest_pending_seconds"] >= 0
     out = StringIO()
     call_command("reliable_job", "status", "--database", "default", stdout=out)
-    assert out.getvalue().splitlines()[:3] == [
-        "pending: 1", "sent (awaiting completion): 0", "dead: 0"]
+    assert out.getvalue().splitlines()[:3] == ["pending: 1", "sent (awaiting completion): 0", "dead: 0"]
     out = StringIO()
     call_command("reliable_job", "retry-dead", "--database", "default", stdout=out)
     assert out.getvalue().strip() == "0 dead job(s) back to pending"
@@ -101,8 +106,10 @@ def test_relay_command_drains_every_outbox_and_exits_on_sigterm(processes):
     relay = processes.manage("reliable_job", "relay")
     client = redis_lib.Redis.from_url(os.environ["RELIABLE_JOB_TEST_REDIS_URL"])
     wait_for(lambda: client.llen("celery") == 7, message="7 messages on the broker")
-    wait_for(lambda: states() == ["sent"] * 5 and states("other") == states("sqlite") == ["sent"],
-             message="rows marked sent")
+    wait_for(
+        lambda: states() == ["sent"] * 5 and states("other") == states("sqlite") == ["sent"],
+        message="rows marked sent",
+    )
     published = {json.loads(m)["headers"]["id"] for m in client.lrange("celery", 0, -1)}
     assert published == ids
     assert processes.stop(relay, signal.SIGTERM) == 0, processes.log(relay)

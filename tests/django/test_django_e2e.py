@@ -41,14 +41,16 @@ def test_atomic_commit_delivers_once_and_success_deletes_the_row(worker):
     record.delay_on_commit("on commit")  # outside atomic: staged and committed at once
     with transaction.atomic():
         record.delay("sentinel")  # staged after the others: claimed after them
-    wait_for(lambda: {"committed", "on commit", "sentinel"} <= set(executed()),
-             message="the committed jobs to run")
+    wait_for(
+        lambda: {"committed", "on commit", "sentinel"} <= set(executed()), message="the committed jobs to run"
+    )
     wait_for(settled, message="rows deleted on success")
     assert sorted(executed()) == ["committed", "on commit", "sentinel"]
     from tests.django.testapp.models import Execution
 
-    assert list(Execution.objects.filter(marker="committed").values_list("task_id", flat=True)) \
-        == [committed.id]
+    assert list(Execution.objects.filter(marker="committed").values_list("task_id", flat=True)) == [
+        committed.id
+    ]
 
 
 def test_sqlite_and_other_database_aliases_are_relayed(worker):
@@ -96,8 +98,10 @@ def test_the_example_views(worker, client):
     assert client.post("/orders/fail/", {"item": "lamp"}).status_code == 500
     assert not Order.objects.filter(item="lamp").exists()
     response = client.post("/orders/", {"item": "pen"})
-    wait_for(lambda: Receipt.objects.filter(order_id=response.json()["order"]).exists(),
-             message="the second receipt")
+    wait_for(
+        lambda: Receipt.objects.filter(order_id=response.json()["order"]).exists(),
+        message="the second receipt",
+    )
     wait_for(settled, message="rows deleted")
     assert list(Receipt.objects.order_by("id").values_list("order__item", "task_id")) == [
         ("book", Receipt.objects.get(order_id=order).task_id),

@@ -69,8 +69,14 @@ def database(request, tmp_path):
         with engine.connect() as conn:
             return [tuple(row) for row in conn.execute(text(sql))]
 
-    yield {"DATABASE_URL": url.set(drivername="postgresql", database=name)
-           .render_as_string(hide_password=False)}, query
+    yield (
+        {
+            "DATABASE_URL": url.set(drivername="postgresql", database=name).render_as_string(
+                hide_password=False
+            )
+        },
+        query,
+    )
     engine.dispose()
     with admin.connect() as conn:
         conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -86,8 +92,11 @@ def test_readme_steps_run_as_written(tmp_path, database):
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("db.sqlite3*", "__pycache__"))
     port = str(free_port())
     db_env, query = database
-    env = {k: v for k, v in os.environ.items()
-           if k != "DJANGO_SETTINGS_MODULE" and not k.startswith("RELIABLE_JOB_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "DJANGO_SETTINGS_MODULE" and not k.startswith("RELIABLE_JOB_")
+    }
     env.update(db_env)
     background: list[subprocess.Popen[bytes]] = []
     responses: list[tuple[int, bytes]] = []
@@ -95,7 +104,14 @@ def test_readme_steps_run_as_written(tmp_path, database):
     logs = []
     lines = steps()
     assert [line.split()[0] for line in lines] == [
-        "export", "python", "celery", "python", "curl", "curl", "python"]
+        "export",
+        "python",
+        "celery",
+        "python",
+        "curl",
+        "curl",
+        "python",
+    ]
     try:
         for line in lines:
             line = line.replace("redis://localhost:6379/0", redis_url).replace("8000", port)
@@ -107,8 +123,11 @@ def test_readme_steps_run_as_written(tmp_path, database):
             if argv[0] == "curl":
                 responses.append(post(argv[-1], argv[argv.index("-d") + 1]))
                 if len(responses) == 1:
-                    wait_for(lambda: query("SELECT count(*) FROM shop_receipt")[0][0] == 1,
-                             timeout=60, message="the receipt")
+                    wait_for(
+                        lambda: query("SELECT count(*) FROM shop_receipt")[0][0] == 1,
+                        timeout=60,
+                        message="the receipt",
+                    )
                 continue
             if argv[0] == "python":
                 argv[0] = sys.executable
@@ -117,21 +136,25 @@ def test_readme_steps_run_as_written(tmp_path, database):
             if line.endswith("&"):
                 log = open(tmp_path / f"bg-{len(background)}.log", "wb")
                 logs.append(log)
-                proc = subprocess.Popen(argv, cwd=project, env=env, stdout=log,
-                                        stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(argv, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
                 background.append(proc)
                 if "worker" in argv:
-                    wait_for(lambda: b"ready." in (tmp_path / "bg-0.log").read_bytes(),
-                             timeout=90, message="the worker")
+                    wait_for(
+                        lambda: b"ready." in (tmp_path / "bg-0.log").read_bytes(),
+                        timeout=90,
+                        message="the worker",
+                    )
                 else:
                     wait_for(lambda: _serving(port), timeout=60, message="the dev server")
                 continue
             if argv[-1] == "status":
                 # The failed view's job must never show up: let the worker settle first.
-                wait_for(lambda: query("SELECT count(*) FROM reliable_job_outbox")[0][0] == 0,
-                         timeout=60, message="the outbox to empty")
-            done = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True,
-                                  timeout=120)
+                wait_for(
+                    lambda: query("SELECT count(*) FROM reliable_job_outbox")[0][0] == 0,
+                    timeout=60,
+                    message="the outbox to empty",
+                )
+            done = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, done.stdout + done.stderr
             outputs.append(done.stdout)
     finally:

@@ -17,18 +17,29 @@ TABLE = "reliable_job_outbox"
 
 
 def describe(conn, schema: str) -> dict[str, object]:
-    columns = conn.execute(text(
-        "SELECT column_name, data_type, character_maximum_length, is_nullable, column_default, "
-        "is_identity FROM information_schema.columns WHERE table_schema = :s AND table_name = :t "
-        "ORDER BY ordinal_position"), {"s": schema, "t": TABLE}).all()
-    indexes = conn.execute(text(
-        "SELECT indexname, replace(indexdef, :prefix, '') FROM pg_indexes "
-        "WHERE schemaname = :s AND tablename = :t ORDER BY indexname"),
-        {"s": schema, "t": TABLE, "prefix": f"{schema}."}).all()
-    constraints = conn.execute(text(
-        "SELECT conname, contype, pg_get_constraintdef(c.oid) FROM pg_constraint c "
-        "JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace "
-        "WHERE n.nspname = :s AND t.relname = :t ORDER BY conname"), {"s": schema, "t": TABLE}).all()
+    columns = conn.execute(
+        text(
+            "SELECT column_name, data_type, character_maximum_length, is_nullable, column_default, "
+            "is_identity FROM information_schema.columns WHERE table_schema = :s AND table_name = :t "
+            "ORDER BY ordinal_position"
+        ),
+        {"s": schema, "t": TABLE},
+    ).all()
+    indexes = conn.execute(
+        text(
+            "SELECT indexname, replace(indexdef, :prefix, '') FROM pg_indexes "
+            "WHERE schemaname = :s AND tablename = :t ORDER BY indexname"
+        ),
+        {"s": schema, "t": TABLE, "prefix": f"{schema}."},
+    ).all()
+    constraints = conn.execute(
+        text(
+            "SELECT conname, contype, pg_get_constraintdef(c.oid) FROM pg_constraint c "
+            "JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace "
+            "WHERE n.nspname = :s AND t.relname = :t ORDER BY conname"
+        ),
+        {"s": schema, "t": TABLE},
+    ).all()
     described = {}
     for name, data_type, length, nullable, default, identity in columns:
         if name == "id":
@@ -57,15 +68,19 @@ def test_migrated_table_equals_the_sqlalchemy_table():
     assert migrated["indexes"] == created["indexes"]
     assert migrated["constraints"] == created["constraints"]
     # What the comparison covered:
-    assert migrated["columns"]["state"] == ("character varying", 16, "NO",
-                                            "'pending'::character varying")
+    assert migrated["columns"]["state"] == ("character varying", 16, "NO", "'pending'::character varying")
     assert migrated["columns"]["attempts"][3] == "0"
     assert migrated["columns"]["created_at"][:1] == ("timestamp with time zone",)
     assert [name for name, _ in migrated["indexes"]] == [
-        "ix_reliable_job_outbox_pending", "ix_reliable_job_outbox_state", "reliable_job_outbox_pkey",
-        "uq_reliable_job_outbox_job_id"]
-    assert "WHERE ((state)::text = 'pending'::text)" in dict(migrated["indexes"])[
-        "ix_reliable_job_outbox_pending"]
+        "ix_reliable_job_outbox_pending",
+        "ix_reliable_job_outbox_state",
+        "reliable_job_outbox_pkey",
+        "uq_reliable_job_outbox_job_id",
+    ]
+    assert (
+        "WHERE ((state)::text = 'pending'::text)"
+        in dict(migrated["indexes"])["ix_reliable_job_outbox_pending"]
+    )
     assert ("uq_reliable_job_outbox_job_id", "u", "UNIQUE (job_id)") in migrated["constraints"]
 
 

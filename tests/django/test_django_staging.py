@@ -167,7 +167,11 @@ def test_engine_url_is_built_from_databases():
     entry = settings.DATABASES["default"]
     url = engine_url("default")
     assert (url.drivername, url.host, url.port, url.database) == (
-        "postgresql+psycopg", entry["HOST"], int(entry["PORT"]), entry["NAME"])
+        "postgresql+psycopg",
+        entry["HOST"],
+        int(entry["PORT"]),
+        entry["NAME"],
+    )
     assert engine_url("sqlite").database == str(settings.DATABASES["sqlite"]["NAME"])
     with pytest.raises(ConfigurationError, match="alias"):
         engine_url("nope")

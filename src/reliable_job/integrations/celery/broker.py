@@ -93,8 +93,12 @@ class KombuBroker:
                     body, kwargs = publish_arguments(row.message)
                     declare = self._to_declare(kwargs.pop("declare_names"))
                     producer.publish(
-                        body, declare=declare, retry=False, serializer=None,
-                        compression=None, **kwargs,
+                        body,
+                        declare=declare,
+                        retry=False,
+                        serializer=None,
+                        compression=None,
+                        **kwargs,
                     )
                     self._declared.update(queue.name for queue in declare)
                 except Exception as exc:
@@ -150,8 +154,7 @@ class KombuBroker:
             planned.append((row, route, head))
 
         # Declare each queue once per connection, through kombu (bindings, exchange types).
-        undeclared = {name for _, route, _ in planned for name in route.declare
-                      if name not in self._declared}
+        undeclared = {name for _, route, _ in planned for name in route.declare if name not in self._declared}
         refused: dict[str, Exception] = {}
         for name in sorted(undeclared):
             try:
@@ -215,15 +218,17 @@ class KombuBroker:
         return failures, rest
 
     def _lookup(
-        self, channel: Any, tables: Mapping[str, list[tuple[str, ...]]], exchange: str,
+        self,
+        channel: Any,
+        tables: Mapping[str, list[tuple[str, ...]]],
+        exchange: str,
         routing_key: str,
     ) -> list[str] | None:
         """The queues kombu's direct routing picks, or ``None`` to leave the row to kombu."""
         if not exchange:
             queues = [routing_key] if routing_key else []
         elif exchange in tables:
-            queues = sorted(channel.typeof(exchange).lookup(tables[exchange], exchange,
-                                                            routing_key, None))
+            queues = sorted(channel.typeof(exchange).lookup(tables[exchange], exchange, routing_key, None))
         else:
             return None
         if not queues or any(queue in channel._expires for queue in queues):

@@ -113,8 +113,14 @@ class CapturedPublish:
         route = {"v": 2, **self._route_fields()}
         head = json.dumps(route, separators=(",", ":"), allow_nan=False)
         payload = redis_payload(
-            self.body, self.priority, self.content_type, self.content_encoding, self.headers,
-            self.properties, self.exchange, self.routing_key,
+            self.body,
+            self.priority,
+            self.content_type,
+            self.content_encoding,
+            self.headers,
+            self.properties,
+            self.exchange,
+            self.routing_key,
         )
         if not payload.endswith(PAYLOAD_END):  # pragma: no cover - kombu's layout is fixed
             return self._to_json_v1()
@@ -145,8 +151,7 @@ def redis_payload(
     props.setdefault("priority", priority or 0)
     props["body_encoding"] = "base64"
     props["delivery_tag"] = delivery_tag
-    props["delivery_info"] = dict(props["delivery_info"], exchange=exchange,
-                                  routing_key=routing_key)
+    props["delivery_info"] = dict(props["delivery_info"], exchange=exchange, routing_key=routing_key)
     message = {
         "body": base64.b64encode(body).decode("ascii"),
         "content-encoding": content_encoding,
@@ -178,8 +183,12 @@ def route_of(route_json: str) -> Route:
     try:
         doc = json.loads(route_json)
         return Route(
-            exchange=doc["exchange"], routing_key=doc["routing_key"], priority=doc["priority"],
-            declare=tuple(doc["declare"]), mandatory=doc["mandatory"], immediate=doc["immediate"],
+            exchange=doc["exchange"],
+            routing_key=doc["routing_key"],
+            priority=doc["priority"],
+            declare=tuple(doc["declare"]),
+            mandatory=doc["mandatory"],
+            immediate=doc["immediate"],
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptMessage(f"corrupt outbox message: {type(exc).__name__}: {exc}") from exc
@@ -197,7 +206,7 @@ def redis_parts(text: str) -> tuple[str, str] | None:
     split = text.find(PAYLOAD_KEY)
     if split < 0:
         return None
-    return text[:split] + "}", text[split + len(PAYLOAD_KEY):-4]
+    return text[:split] + "}", text[split + len(PAYLOAD_KEY) : -4]
 
 
 def publish_arguments(text: str) -> tuple[bytes, dict[str, Any]]:
@@ -210,8 +219,7 @@ def publish_arguments(text: str) -> tuple[bytes, dict[str, Any]]:
             if payload["properties"].get("body_encoding") != "base64":
                 raise CorruptMessage("v2 message without a base64 body")
             body = base64.b64decode(payload["body"])
-            properties = {k: v for k, v in payload["properties"].items()
-                          if k not in _ADDED_PROPERTIES}
+            properties = {k: v for k, v in payload["properties"].items() if k not in _ADDED_PROPERTIES}
             content_type = payload["content-type"]
             content_encoding = payload["content-encoding"]
             headers = payload["headers"]
@@ -259,11 +267,23 @@ def redis_parts_of_any(text: str) -> tuple[Route, str]:
         raw = doc["body"]
         body = raw.encode("utf-8") if doc["body_encoding"] == "text" else base64.b64decode(raw)
         payload = redis_payload(
-            body, doc["priority"], doc["content_type"], doc["content_encoding"], doc["headers"],
-            doc["properties"], doc["exchange"], doc["routing_key"],
+            body,
+            doc["priority"],
+            doc["content_type"],
+            doc["content_encoding"],
+            doc["headers"],
+            doc["properties"],
+            doc["exchange"],
+            doc["routing_key"],
         )
-        route = Route(doc["exchange"], doc["routing_key"], doc["priority"],
-                      tuple(doc["declare"]), doc["mandatory"], doc["immediate"])
+        route = Route(
+            doc["exchange"],
+            doc["routing_key"],
+            doc["priority"],
+            tuple(doc["declare"]),
+            doc["mandatory"],
+            doc["immediate"],
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptMessage(f"corrupt outbox message: {type(exc).__name__}: {exc}") from exc
     return route, payload[:-3]

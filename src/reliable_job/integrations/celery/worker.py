@@ -28,9 +28,7 @@ class RelayStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, worker: Any) -> None:
         assert self.runtime is not None
         self.relay = self.runtime.relay()
-        self.thread = threading.Thread(
-            target=self.relay.run, name="reliable-job-relay", daemon=True
-        )
+        self.thread = threading.Thread(target=self.relay.run, name="reliable-job-relay", daemon=True)
         self.thread.start()
 
     def stop(self, worker: Any) -> None:

@@ -36,8 +36,20 @@ class OutboxJobAdmin(admin.ModelAdmin):
     search_fields = ("job_id", "task_name")
     ordering = ("id",)
     actions = ("retry_dead", "discard")
-    fields = ("job_id", "task_name", "queue", "state", "attempts", "last_error", "created_at",
-              "eta", "available_at", "sent_at", "updated_at", "stored_message")
+    fields = (
+        "job_id",
+        "task_name",
+        "queue",
+        "state",
+        "attempts",
+        "last_error",
+        "created_at",
+        "eta",
+        "available_at",
+        "sent_at",
+        "updated_at",
+        "stored_message",
+    )
     readonly_fields = fields
 
     def get_queryset(self, request: Any) -> Any:
@@ -80,7 +92,9 @@ class OutboxJobAdmin(admin.ModelAdmin):
     @admin.action(description="Retry selected dead jobs", permissions=["retry"])
     def retry_dead(self, request: Any, queryset: Any) -> None:
         count = queryset.filter(state=schema.DEAD).update(
-            state=schema.PENDING, attempts=0, available_at=None,
+            state=schema.PENDING,
+            attempts=0,
+            available_at=None,
             updated_at=datetime.now(timezone.utc),
         )
         self.message_user(request, f"{count} dead job(s) back to pending.", messages.SUCCESS)

@@ -29,8 +29,18 @@ DATABASE_OPTION = "reliable_job_database"
 """Task option: the alias of the database this task's jobs are staged in."""
 
 _DJANGO_ONLY_OPTIONS = frozenset(
-    {"pool", "server_side_binding", "isolation_level", "assume_role", "cursor_factory",
-     "context", "init_command", "transaction_mode", "timeout", "check_same_thread"}
+    {
+        "pool",
+        "server_side_binding",
+        "isolation_level",
+        "assume_role",
+        "cursor_factory",
+        "context",
+        "init_command",
+        "transaction_mode",
+        "timeout",
+        "check_same_thread",
+    }
 )
 """``DATABASES[...]["OPTIONS"]`` keys that are Django's own, not libpq connection parameters."""
 
@@ -107,8 +117,15 @@ class DjangoWriter:
         now = _utc(datetime.now(timezone.utc))
         for alias, group in groups.items():
             rows = [
-                OutboxJob(job_id=j.job_id, task_name=j.task_name, queue=j.queue, message=j.message,
-                          eta=_utc(j.eta), created_at=now, updated_at=now)
+                OutboxJob(
+                    job_id=j.job_id,
+                    task_name=j.task_name,
+                    queue=j.queue,
+                    message=j.message,
+                    eta=_utc(j.eta),
+                    created_at=now,
+                    updated_at=now,
+                )
                 for j in group
             ]
             try:
@@ -118,8 +135,7 @@ class DjangoWriter:
                 if connection.vendor == "postgresql" and self._outbox.stager.notify_due():
                     # Wakes the relays when this transaction commits (see Stager.notify_due).
                     with connection.cursor() as cursor:
-                        cursor.execute("SELECT pg_notify(%s, '')",
-                                       [notify_channel(OutboxJob._meta.db_table)])
+                        cursor.execute("SELECT pg_notify(%s, '')", [notify_channel(OutboxJob._meta.db_table)])
             except DatabaseError as exc:
                 raise StagingError(
                     f"cannot write to the outbox table {OutboxJob._meta.db_table!r} of database "

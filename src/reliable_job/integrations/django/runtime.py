@@ -27,8 +27,10 @@ class DjangoReliableCelery(ReliableCelery):
     def relay(self, store: Any = None) -> Any:
         if store is not None:
             return super().relay(store)
-        relays = [super(DjangoReliableCelery, self).relay(self.database.store(alias))
-                  for alias in self.database.aliases()]
+        relays = [
+            super(DjangoReliableCelery, self).relay(self.database.store(alias))
+            for alias in self.database.aliases()
+        ]
         return relays[0] if len(relays) == 1 else MultiRelay(relays)
 
 
@@ -43,8 +45,10 @@ class MultiRelay:
         return sum(relay.published for relay in self.relays)
 
     def run(self) -> None:
-        threads = [threading.Thread(target=relay.run, name="reliable-job-relay", daemon=True)
-                   for relay in self.relays[1:]]
+        threads = [
+            threading.Thread(target=relay.run, name="reliable-job-relay", daemon=True)
+            for relay in self.relays[1:]
+        ]
         for thread in threads:
             thread.start()
         try:
@@ -66,10 +70,21 @@ def install(app: Any) -> DjangoReliableCelery:
         return existing
     settings, options = conf.read()
     outbox = DjangoOutbox(app, settings, options)
-    values = {name: getattr(settings, name) for name in (
-        "enable_for_all_jobs", "preserve_dead_jobs", "table_name", "batch_size", "poll_interval",
-        "relay_in_worker", "backoff_cap", "max_publish_attempts", "redeliver_after",
-        "completion_interval")}
+    values = {
+        name: getattr(settings, name)
+        for name in (
+            "enable_for_all_jobs",
+            "preserve_dead_jobs",
+            "table_name",
+            "batch_size",
+            "poll_interval",
+            "relay_in_worker",
+            "backoff_cap",
+            "max_publish_attempts",
+            "redeliver_after",
+            "completion_interval",
+        )
+    }
     runtime = celery_install(app, database=outbox, runtime_class=DjangoReliableCelery, **values)
     assert isinstance(runtime, DjangoReliableCelery)
     return runtime

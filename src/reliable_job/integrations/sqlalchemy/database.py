@@ -117,15 +117,15 @@ class _Claim:
         self._conn.execute(
             update(t)
             .where(t.c.id.in_(list(ids)))
-            .values(state=schema.SENT, sent_at=now, updated_at=now, available_at=None,
-                    attempts=t.c.attempts + 1)
+            .values(
+                state=schema.SENT, sent_at=now, updated_at=now, available_at=None, attempts=t.c.attempts + 1
+            )
         )
 
     def mark_failed(self, row: ClaimedRow, error: str, *, retry_in: float | None) -> None:
         t = self._db.table
         now = utcnow()
-        values: dict[str, Any] = {"attempts": t.c.attempts + 1, "last_error": error,
-                                  "updated_at": now}
+        values: dict[str, Any] = {"attempts": t.c.attempts + 1, "last_error": error, "updated_at": now}
         if retry_in is None:
             values["state"] = schema.DEAD
         else:
@@ -155,7 +155,9 @@ class _SentClaim:
         t = self._db.table
         now = utcnow()
         values: dict[str, Any] = {
-            "attempts": row.attempts + 1, "last_error": error, "updated_at": now,
+            "attempts": row.attempts + 1,
+            "last_error": error,
+            "updated_at": now,
         }
         if retry_in is None:
             values["state"] = schema.DEAD
@@ -170,8 +172,12 @@ class _SentClaim:
         if not unsettled:
             return
         self._conn.execute(
-            update(t).where(t.c.id == bindparam("row_id")).values(
-                state=schema.PENDING, attempts=bindparam("old_attempts"), available_at=None,
+            update(t)
+            .where(t.c.id == bindparam("row_id"))
+            .values(
+                state=schema.PENDING,
+                attempts=bindparam("old_attempts"),
+                available_at=None,
             ),
             [{"row_id": row.id, "old_attempts": row.attempts} for row in unsettled],
         )
@@ -301,9 +307,7 @@ class SQLAlchemyDatabase:
             .order_by(t.c.id)
             .limit(bindparam("limit"))
         )
-        self._claim_select = publishable.with_only_columns(
-            t.c.id, t.c.job_id, t.c.message, t.c.attempts
-        )
+        self._claim_select = publishable.with_only_columns(t.c.id, t.c.job_id, t.c.message, t.c.attempts)
         """The claim by SELECT (SQLite: one writer at a time, BEGIN IMMEDIATE)."""
         # ARRAY(subquery) is an InitPlan: run exactly once, then the update reaches its rows
         # through the primary key. (A join with the subquery can be planned as a nested loop
@@ -312,8 +316,13 @@ class SQLAlchemyDatabase:
         self._claim_sent = (
             update(t)
             .where(t.c.id == any_(picked))
-            .values(state=schema.SENT, sent_at=bindparam("now"), updated_at=bindparam("now"),
-                    available_at=None, attempts=t.c.attempts + 1)
+            .values(
+                state=schema.SENT,
+                sent_at=bindparam("now"),
+                updated_at=bindparam("now"),
+                available_at=None,
+                attempts=t.c.attempts + 1,
+            )
             .returning(t.c.id, t.c.job_id, t.c.message, t.c.attempts)
         )
         """The claim on PostgreSQL: lock up to ``limit`` publishable rows nobody else holds (SKIP
@@ -347,8 +356,11 @@ class SQLAlchemyDatabase:
                 pg = pg_insert(self.table)
                 if notify:
                     staged_at = bindparam("staged_at", type_=self.table.c.updated_at.type)
-                    pg = pg.values(updated_at=select(staged_at).select_from(
-                        func.pg_notify(self.notify_channel, "")).scalar_subquery())
+                    pg = pg.values(
+                        updated_at=select(staged_at)
+                        .select_from(func.pg_notify(self.notify_channel, ""))
+                        .scalar_subquery()
+                    )
                 stmt = pg.on_conflict_do_nothing(index_elements=["job_id"])
             elif dialect == "sqlite":
                 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -369,7 +381,9 @@ class SQLAlchemyDatabase:
             keys = list(self.rows([StagedJob("", "", "", "", None)], notify)[0])
             columns = [k for k in keys if k in self.table.c]
             compiled = self.insert_statement(dialect.name, notify).compile(
-                dialect=dialect, column_keys=columns, for_executemany=True  # no RETURNING
+                dialect=dialect,
+                column_keys=columns,
+                for_executemany=True,  # no RETURNING
             )
             constants = {k: v for k, v in compiled.params.items() if k not in keys}
             found = self._driver_sql[key] = (compiled.string, constants)
@@ -379,8 +393,15 @@ class SQLAlchemyDatabase:
         now = utcnow()
         last = "staged_at" if notify else "updated_at"
         return [
-            {"job_id": j.job_id, "task_name": j.task_name, "queue": j.queue,
-             "message": j.message, "eta": j.eta, "created_at": now, last: now}
+            {
+                "job_id": j.job_id,
+                "task_name": j.task_name,
+                "queue": j.queue,
+                "message": j.message,
+                "eta": j.eta,
+                "created_at": now,
+                last: now,
+            }
             for j in jobs
         ]
 
@@ -409,17 +430,20 @@ class SQLAlchemyDatabase:
             claim: _Claim | _SentClaim
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql(_CLAIM_PLAN)
-                rows = sorted((
-                    ClaimedRow(row_id, job_id, message, attempts - 1)
-                    for row_id, job_id, message, attempts in conn.execute(
-                        self._claim_sent, {"now": now, "limit": limit}
-                    )
-                ), key=_row_id)
+                rows = sorted(
+                    (
+                        ClaimedRow(row_id, job_id, message, attempts - 1)
+                        for row_id, job_id, message, attempts in conn.execute(
+                            self._claim_sent, {"now": now, "limit": limit}
+                        )
+                    ),
+                    key=_row_id,
+                )
                 claim = _SentClaim(self, conn, rows)
             else:
-                rows = [ClaimedRow(*r) for r in conn.execute(
-                    self._claim_select, {"now": now, "limit": limit}
-                )]
+                rows = [
+                    ClaimedRow(*r) for r in conn.execute(self._claim_select, {"now": now, "limit": limit})
+                ]
                 claim = _Claim(self, conn, rows)
             yield claim
             claim.finish()
@@ -430,9 +454,7 @@ class SQLAlchemyDatabase:
         if not self.settings.listen_notify or self.engine.dialect.name != "postgresql":
             return None
         if self.engine.dialect.driver != "psycopg":
-            raise ConfigurationError(
-                f"LISTEN needs the psycopg (3) driver, not {self.engine.dialect.driver}"
-            )
+            raise ConfigurationError(f"LISTEN needs the psycopg (3) driver, not {self.engine.dialect.driver}")
         with self._unavailable_as_error():
             return _PostgresListener(self.engine, self.notify_channel)
 
@@ -505,7 +527,8 @@ class SQLAlchemyDatabase:
         t = self.table
         with self._unavailable_as_error(), self.engine.begin() as conn:
             return conn.execute(
-                update(t).where(t.c.job_id == job_id)
+                update(t)
+                .where(t.c.job_id == job_id)
                 .values(state=schema.DEAD, last_error=error, updated_at=utcnow())
             ).rowcount
 
@@ -533,7 +556,8 @@ class SQLAlchemyDatabase:
         t = self.table
         with self._unavailable_as_error(), self.engine.begin() as conn:
             return conn.execute(
-                update(t).where(t.c.state == schema.DEAD)
+                update(t)
+                .where(t.c.state == schema.DEAD)
                 .values(state=schema.PENDING, attempts=0, available_at=None, updated_at=utcnow())
             ).rowcount
 
@@ -542,19 +566,18 @@ class SQLAlchemyDatabase:
         now = utcnow()
         cutoff = now - timedelta(seconds=older_than)
         stale = (
-            (t.c.state == schema.SENT)
-            & (t.c.sent_at <= cutoff)
-            & (or_(t.c.eta.is_(None), t.c.eta <= cutoff))
+            (t.c.state == schema.SENT) & (t.c.sent_at <= cutoff) & (or_(t.c.eta.is_(None), t.c.eta <= cutoff))
         )
         note = f"not completed {older_than:.0f}s after publishing"
         with self._unavailable_as_error(), self.engine.begin() as conn:
             dead = conn.execute(
-                update(t).where(stale & (t.c.attempts >= max_deliveries))
-                .values(state=schema.DEAD, last_error=f"{note}, {max_deliveries} times",
-                        updated_at=now)
+                update(t)
+                .where(stale & (t.c.attempts >= max_deliveries))
+                .values(state=schema.DEAD, last_error=f"{note}, {max_deliveries} times", updated_at=now)
             ).rowcount
             requeued = conn.execute(
-                update(t).where(stale)
+                update(t)
+                .where(stale)
                 .values(state=schema.PENDING, available_at=None, last_error=note, updated_at=now)
             ).rowcount
         return requeued, dead

@@ -66,7 +66,8 @@ def alembic_revision(
     columns = "\n".join(_column(c) for c in schema.COLUMNS)
     uniques = "\n".join(
         f"        sa.UniqueConstraint({c.name!r}, name={f'uq_{name}_{c.name}'!r}),"
-        for c in schema.COLUMNS if c.unique
+        for c in schema.COLUMNS
+        if c.unique
     )
     indexes = []
     for index in schema.INDEXES:

@@ -46,8 +46,8 @@ def outbox_table(metadata: MetaData, name: str = schema.DEFAULT_TABLE_NAME) -> T
     for col in schema.COLUMNS:
         default = None
         if col.default is not None:
-            default = text(f"'{col.default}'") if isinstance(col.default, str) else text(
-                str(int(col.default))
+            default = (
+                text(f"'{col.default}'") if isinstance(col.default, str) else text(str(int(col.default)))
             )
         columns.append(
             Column(
@@ -59,11 +59,7 @@ def outbox_table(metadata: MetaData, name: str = schema.DEFAULT_TABLE_NAME) -> T
                 server_default=default,
             )
         )
-    uniques = [
-        UniqueConstraint(col.name, name=col.unique_name(name))
-        for col in schema.COLUMNS
-        if col.unique
-    ]
+    uniques = [UniqueConstraint(col.name, name=col.unique_name(name)) for col in schema.COLUMNS if col.unique]
     table = Table(name, metadata, *columns, *uniques)
     for index in schema.INDEXES:
         where = table.c.state == schema.PENDING if index.where_pending else None

@@ -49,8 +49,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if not logging.getLogger().handlers:  # an entry point, like the reliable-job command
             level = {0: logging.WARNING, 1: logging.INFO}.get(options["verbosity"], logging.DEBUG)
-            logging.basicConfig(level=level,
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             runtime = runtime_for(options["app"])
             action = options["action"]
