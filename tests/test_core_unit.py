@@ -307,7 +307,7 @@ def test_stager_prefers_explicit_then_implicit_then_own_transaction():
 
     current = {"session": "idle session"}
     stager = Stager(
-        adapt=adapt, own_transaction=lambda: Writer("own"), session_provider=lambda: current["session"]
+        Settings(session=lambda: current["session"]), adapt=adapt, own_transaction=lambda: Writer("own")
     )
     stager.stage(jobs(1))
     current["session"] = "busy session"
@@ -486,5 +486,5 @@ def test_notify_throttle_allows_one_wakeup_per_interval():
     assert not throttle.due()
     now[0] += 0.002
     assert throttle.due()
-    stager = Stager(adapt=lambda t, e: None, own_transaction=lambda: None)  # type: ignore[arg-type,return-value]
+    stager = Stager(Settings(listen_notify=False), adapt=lambda t, e: None, own_transaction=lambda: None)  # type: ignore[arg-type,return-value]
     assert not stager.notify_due(), "no throttle: wake-ups are off"

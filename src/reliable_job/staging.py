@@ -19,6 +19,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from reliable_job.ports import OutboxWriter, StagedJob
+from reliable_job.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +75,16 @@ class Stager:
 
     def __init__(
         self,
+        settings: Settings,
         *,
         adapt: AdaptTarget,
         own_transaction: Callable[[], OutboxWriter],
-        session_provider: Callable[[], Any] | None = None,
-        notify: NotifyThrottle | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._adapt = adapt
         self._own_transaction = own_transaction
-        self._session_provider = session_provider
-        self._notify = notify
+        self._session_provider = settings.session
+        self._notify = NotifyThrottle(settings.notify_interval, clock) if settings.listen_notify else None
 
     def notify_due(self) -> bool:
         """Whether a writer should wake the relays in the transaction it writes to.

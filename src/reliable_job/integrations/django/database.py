@@ -21,7 +21,7 @@ from reliable_job.integrations.django.conf import DjangoOptions
 from reliable_job.ports import OutboxStatus, OutboxWriter, StagedJob
 from reliable_job.schema import notify_channel
 from reliable_job.settings import Settings
-from reliable_job.staging import NotifyThrottle, Stager
+from reliable_job.staging import Stager
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +158,9 @@ class DjangoOutbox:
         self._lock = threading.Lock()
         self._discovered = False
         self.stager = Stager(
+            settings,
             adapt=self._adapt,
             own_transaction=lambda: DjangoWriter(self, None),
-            notify=NotifyThrottle(settings.notify_interval) if settings.listen_notify else None,
         )
 
     # -- staging -------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from reliable_job import schema
 from reliable_job.errors import ConfigurationError, DatabaseUnavailable, StagingError
 from reliable_job.ports import ClaimedRow, OutboxStatus, OutboxWriter, StagedJob
 from reliable_job.settings import Settings
-from reliable_job.staging import NotifyThrottle, Stager
+from reliable_job.staging import Stager
 
 logger = logging.getLogger(__name__)
 
@@ -328,10 +328,9 @@ class SQLAlchemyDatabase:
         """The claim on PostgreSQL: lock up to ``limit`` publishable rows nobody else holds (SKIP
         LOCKED, through the partial index) and mark them sent, in one statement."""
         self.stager = Stager(
+            settings,
             adapt=self.writer_for,
             own_transaction=lambda: _OwnTransactionWriter(self),
-            session_provider=settings.session,
-            notify=NotifyThrottle(settings.notify_interval) if settings.listen_notify else None,
         )
         # PostgreSQL: one array parameter (one statement text, whatever the batch size).
         self._delete_any_job = delete(t).where(
