@@ -1,7 +1,12 @@
+# Changing the schema: tables already exist in users' databases, created by migrations that are
+# frozen (the Django migrations in integrations/django/migrations/, the Alembic revisions
+# `reliable-job migration` wrote). An edit of COLUMNS or INDEXES therefore ships with a new Django
+# migration and the matching Alembic revision; `makemigrations --check` in
+# tests/django/test_django_schema.py fails until the Django one exists. See DEVELOPERS.md.
 """The outbox table, described once.
 
-Every concrete form of the table (the SQLAlchemy ``Table``, the CLI's DDL, Alembic revisions and,
-later, Django migrations) is rendered from :data:`COLUMNS` and :data:`INDEXES`.
+The SQLAlchemy ``Table``, the CLI's DDL, new Alembic revisions and the Django model are rendered
+from :data:`COLUMNS` and :data:`INDEXES`; the Django migrations are frozen snapshots of them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The outbox table as a Django model (fields and indexes from :mod:`reliable_job.schema`)."""
+"""The outbox table as a Django model (fields and indexes from :mod:`reliable_job.schema`).
+
+The model follows ``schema.py``; the table follows ``migrations/`` (frozen). They agree until
+``schema.py`` changes without a new migration, which ``makemigrations --check`` reports.
+"""
 
 from __future__ import annotations
 

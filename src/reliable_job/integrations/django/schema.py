@@ -1,8 +1,10 @@
 """The outbox table as Django model fields and options, rendered from :mod:`reliable_job.schema`.
 
-Both the model (``models.py``) and the migration (``migrations/0001_initial.py``) are built from
-these functions, so ``makemigrations`` finds nothing to change and the table matches the one the
-SQLAlchemy integration creates.
+The model (``models.py``) is built from these functions; the migrations are not (they are frozen
+snapshots, as ``makemigrations`` writes them). So an edit of ``reliable_job/schema.py`` shows up
+as a change of the model, which ``makemigrations --check`` reports until a new migration in
+``migrations/`` (and the matching Alembic revision) records it.
+``tests/django/test_django_schema.py`` checks both.
 """
 
 from __future__ import annotations
