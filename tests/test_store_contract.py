@@ -93,11 +93,58 @@ def test_mark_failed_backs_off_then_buries(store):
         assert [r.job_id for r in claim.rows] == ["job-1"]
 
 
+def make_due(store):
+    """Pretend every row's backoff is over."""
+    if isinstance(store, InMemoryStore):
+        for row in store.rows.values():
+            row.available_at = 0.0
+        return
+    with store.engine.begin() as conn:
+        conn.execute(update(store.table).values(available_at=None))
+
+
+def last_error(store, job_id):
+    if isinstance(store, InMemoryStore):
+        (row,) = [r for r in store.rows.values() if r.job.job_id == job_id]
+        return row.last_error
+    t = store.table
+    with store.engine.connect() as conn:
+        return conn.execute(t.select().with_only_columns(t.c.last_error).where(t.c.job_id == job_id)).scalar()
+
+
+def test_defer_leaves_a_row_for_later_without_counting_an_attempt(store):
+    """A deferred row (one the relay cannot read yet) is pending again once its delay is over,
+    with the attempts and last error it had before the claim: never buried, never counted."""
+    stage(store, [job(0), job(1)])
+    with store.claim(10) as claim:
+        claim.mark_failed(claim.rows[0], "boom", retry_in=0)
+        claim.mark_sent([claim.rows[1].id])
+    with store.claim(10) as claim:
+        (row,) = claim.rows
+        assert (row.job_id, row.attempts) == ("job-0", 1)
+        claim.defer(row, 3600)
+    with store.claim(10) as claim:
+        assert list(claim.rows) == [], "not before its delay"
+    assert store.status().as_dict() | {"oldest_pending_seconds": None} == {
+        "pending": 1,
+        "sent": 1,
+        "dead": 0,
+        "oldest_pending_seconds": None,
+    }
+    make_due(store)
+    with store.claim(10) as claim:
+        assert [(r.job_id, r.attempts) for r in claim.rows] == [("job-0", 1)]
+        claim.defer(claim.rows[0], 0)
+    with store.claim(10) as claim:
+        assert [(r.job_id, r.attempts) for r in claim.rows] == [("job-0", 1)], "attempts unchanged"
+    assert last_error(store, "job-0") == "boom"
+
+
 def test_complete_and_bury(store):
     """Completion deletes a job's row; burying keeps it dead; unknown ids are no-ops."""
     stage(store, [job(0), job(1)])
-    assert store.complete("job-0") == 1
-    assert store.complete("job-0") == 0
+    assert store.complete_many(["job-0"]) == 1
+    assert store.complete_many(["job-0"]) == 0
     assert store.bury("job-1", "ValueError: x") == 1
     assert store.status().as_dict() == {"pending": 0, "sent": 0, "dead": 1, "oldest_pending_seconds": None}
 
@@ -185,9 +232,9 @@ def test_completion_survives_a_lost_connection_and_a_fork_on_postgresql(postgres
     db.create_table()
     try:
         stage(db, [job(i) for i in range(4)])
-        assert db.complete("job-0") == 1
+        assert db.complete_many(["job-0"]) == 1
         kill_completion_connections()
-        assert db.complete("job-1") == 1, "retried on a new connection"
+        assert db.complete_many(["job-1"]) == 1, "retried on a new connection"
         stage(db, [job(10), job(11)])
         kill_completion_connections()
         assert db.complete_many(["job-10", "job-11"]) == 2, "batched: retried on a new connection"
@@ -195,12 +242,12 @@ def test_completion_survives_a_lost_connection_and_a_fork_on_postgresql(postgres
         pid = os.fork()
         if pid == 0:  # the child: its own connection; exit without running any cleanup
             try:
-                os._exit(0 if db.complete("job-2") == 1 else 1)
+                os._exit(0 if db.complete_many(["job-2"]) == 1 else 1)
             except BaseException:
                 os._exit(2)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert db.complete("job-3") == 1, "the parent's connection still works"
+        assert db.complete_many(["job-3"]) == 1, "the parent's connection still works"
         assert db.status().as_dict()["pending"] == 0
     finally:
         db.close()

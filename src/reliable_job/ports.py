@@ -66,6 +66,11 @@ class Claim(Protocol):
     def mark_failed(self, row: ClaimedRow, error: str, *, retry_in: float | None) -> None:
         """Record a publish error; ``retry_in=None`` sets the row dead."""
 
+    def defer(self, row: ClaimedRow, retry_in: float) -> None:
+        """Leave the row for later without counting an attempt: pending again in ``retry_in``
+        seconds, its ``attempts`` and ``last_error`` as before the claim (a row this relay cannot
+        read yet, such as a newer message format, is not buried)."""
+
 
 class OutboxStore(Protocol):
     """The outbox table, as the relay, completion and the CLI see it."""

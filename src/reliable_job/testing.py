@@ -11,10 +11,16 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from reliable_job.errors import BrokerUnavailable
-from reliable_job.ports import ClaimedRow, OutboxStatus, StagedJob
+from reliable_job.ports import ClaimedRow, OutboxStatus, OutboxWriter, StagedJob
 from reliable_job.schema import DEAD, PENDING, SENT
+from reliable_job.settings import Settings
+from reliable_job.staging import Stager
+
+if TYPE_CHECKING:
+    from reliable_job.ports import Broker, OutboxDatabase, Wakeup
 
 
 @dataclass
@@ -32,7 +38,7 @@ class FakeRow:
 class _FakeClaim:
     def __init__(self, store: InMemoryStore, rows: list[ClaimedRow]) -> None:
         self._store = store
-        self.rows = rows
+        self.rows: Sequence[ClaimedRow] = rows
         self._changes: list[tuple[int, dict[str, object]]] = []
 
     def mark_sent(self, ids: Sequence[int]) -> None:
@@ -48,17 +54,41 @@ class _FakeClaim:
             change["available_at"] = time.time() + retry_in
         self._changes.append((row.id, change))
 
+    def defer(self, row: ClaimedRow, retry_in: float) -> None:
+        self._changes.append((row.id, {"available_at": time.time() + retry_in}))
+
 
 class InMemoryStore:
-    """The outbox table in a dict. Claims lock rows until the claim ends, like SKIP LOCKED."""
+    """The outbox table in a dict, and an :class:`~reliable_job.ports.OutboxDatabase` of its own:
+    ``stager`` writes into it (whatever the target: there is no transaction to join), it is its
+    only relay store, and relays poll it (no listener). Claims lock rows until the claim ends, like
+    SKIP LOCKED."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
         self.rows: dict[int, FakeRow] = {}
         self._ids = itertools.count(1)
         self._locked: set[int] = set()
         self._lock = threading.Lock()
+        self.closed = 0
+        self.stager = Stager(settings or Settings(), adapt=self._adapt, own_transaction=self._writer)
+
+    def _adapt(self, target: object, explicit: bool) -> OutboxWriter:
+        return self
+
+    def _writer(self) -> OutboxWriter:
+        return self
+
+    def relay_stores(self) -> Sequence[InMemoryStore]:
+        return [self]
+
+    def listener(self) -> Wakeup | None:
+        return None
+
+    def close(self) -> None:
+        self.closed += 1
 
     def write(self, jobs: Sequence[StagedJob]) -> None:
+        """Stage ``jobs`` (what :attr:`stager` does): a job id already present is ignored."""
         with self._lock:
             known = {r.job.job_id for r in self.rows.values()}
             for job in jobs:
@@ -87,13 +117,6 @@ class InMemoryStore:
         finally:
             with self._lock:
                 self._locked.difference_update(r.id for r in picked)
-
-    def complete(self, job_id: str) -> int:
-        with self._lock:
-            gone = [i for i, r in self.rows.items() if r.job.job_id == job_id]
-            for i in gone:
-                del self.rows[i]
-            return len(gone)
 
     def complete_many(self, job_ids: Sequence[str]) -> int:
         wanted = set(job_ids)
@@ -200,3 +223,11 @@ class InMemoryWakeup:
 
     def close(self) -> None:
         self.closed = True
+
+
+if TYPE_CHECKING:
+
+    def _conforms(store: InMemoryStore, broker: InMemoryBroker, wakeup: InMemoryWakeup) -> None:
+        database: OutboxDatabase = store
+        ports: tuple[Broker, Wakeup] = (broker, wakeup)
+        del database, ports

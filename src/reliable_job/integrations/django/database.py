@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reliable_job.errors import ConfigurationError, StagingError
 from reliable_job.integrations.django.conf import DjangoOptions
@@ -22,6 +22,14 @@ from reliable_job.ports import OutboxStatus, OutboxWriter, StagedJob
 from reliable_job.schema import notify_channel
 from reliable_job.settings import Settings
 from reliable_job.staging import Stager
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
+    from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase
+    from reliable_job.integrations.sqlalchemy.claims import ClaimBySelect, ClaimByUpdate
+    from reliable_job.integrations.sqlalchemy.listen import PostgresListener
+    from reliable_job.ports import OutboxDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +53,7 @@ _DJANGO_ONLY_OPTIONS = frozenset(
 """``DATABASES[...]["OPTIONS"]`` keys that are Django's own, not libpq connection parameters."""
 
 
-def engine_url(alias: str) -> Any:
+def engine_url(alias: str) -> URL:
     """A SQLAlchemy URL for ``DATABASES[alias]`` (never log it: it holds the password)."""
     from django.db import connections
     from sqlalchemy.engine import URL
@@ -99,11 +107,15 @@ def _utc(value: datetime | None) -> datetime | None:
 
 class DjangoWriter:
     """Inserts staged jobs on ``connections[alias]``: in its current atomic block if there is one,
-    else committed at once. With ``alias=None`` each job goes to its task's alias."""
+    else committed at once. With ``alias=None`` each job goes to its task's alias (``alias_for``);
+    ``notify_due`` is the stager's ``NOTIFY`` throttle."""
 
-    def __init__(self, outbox: DjangoOutbox, alias: str | None) -> None:
-        self._outbox = outbox
+    def __init__(
+        self, alias: str | None, alias_for: Callable[[str], str], notify_due: Callable[[], bool]
+    ) -> None:
         self._alias = alias
+        self._alias_for = alias_for
+        self._notify_due = notify_due
 
     def write(self, jobs: Sequence[StagedJob]) -> None:
         from django.db import DatabaseError, connections
@@ -112,7 +124,7 @@ class DjangoWriter:
 
         groups: dict[str, list[StagedJob]] = {}
         for job in jobs:
-            alias = self._alias or self._outbox.alias_for(job.task_name)
+            alias = self._alias or self._alias_for(job.task_name)
             groups.setdefault(alias, []).append(job)
         now = _utc(datetime.now(timezone.utc))
         for alias, group in groups.items():
@@ -132,7 +144,7 @@ class DjangoWriter:
                 # ON CONFLICT DO NOTHING, parameters bound, on this alias's connection.
                 OutboxJob.objects.using(alias).bulk_create(rows, ignore_conflicts=True)
                 connection = connections[alias]
-                if connection.vendor == "postgresql" and self._outbox.stager.notify_due():
+                if connection.vendor == "postgresql" and self._notify_due():
                     # Wakes the relays when this transaction commits (see Stager.notify_due).
                     with connection.cursor() as cursor:
                         cursor.execute("SELECT pg_notify(%s, '')", [notify_channel(OutboxJob._meta.db_table)])
@@ -144,24 +156,23 @@ class DjangoWriter:
 
 
 class DjangoOutbox:
-    """The outbox of one Celery app in the project's databases.
+    """The outbox of one Celery app in the project's databases (an
+    :class:`~reliable_job.ports.OutboxDatabase`).
 
-    ``stager`` writes through Django; the store methods (completion, status, retry-dead) cover
-    every alias that holds an outbox; :meth:`store` is the SQLAlchemy store of one alias.
+    ``stager`` writes through Django; each alias holding an outbox has its SQLAlchemy store
+    (:meth:`store`), which its relay drains (:meth:`relay_stores`). The store methods here
+    (completion, status, retry-dead) cover every alias; ``claim`` and ``listener`` are the
+    configured database's.
     """
 
     def __init__(self, app: Any, settings: Settings, options: DjangoOptions) -> None:
         self.app = app
         self.settings = settings
         self.options = options
-        self._stores: dict[str, Any] = {}
+        self._stores: dict[str, SQLAlchemyDatabase] = {}
         self._lock = threading.Lock()
         self._discovered = False
-        self.stager = Stager(
-            settings,
-            adapt=self._adapt,
-            own_transaction=lambda: DjangoWriter(self, None),
-        )
+        self.stager = Stager(settings, adapt=self._adapt, own_transaction=self._own_transaction)
 
     # -- staging -------------------------------------------------------------------------------
 
@@ -170,17 +181,23 @@ class DjangoOutbox:
         alias = getattr(task, DATABASE_OPTION, None) if task is not None else None
         return alias or self.options.database
 
-    def _adapt(self, target: Any, explicit: bool) -> OutboxWriter | None:
+    def _adapt(self, target: object, explicit: bool) -> OutboxWriter | None:
         """``reliable_job_session=`` / ``reliable_job.bind()`` with a Django database alias or
         connection: stage in that alias's current transaction."""
         if isinstance(target, str):
-            return DjangoWriter(self, target)
+            return self._writer(target)
         alias = getattr(target, "alias", None)
         if isinstance(alias, str) and hasattr(target, "settings_dict"):
-            return DjangoWriter(self, alias)
+            return self._writer(alias)
         raise ConfigurationError(
             f"cannot stage in {type(target).__name__}: pass a Django database alias or connection"
         )
+
+    def _own_transaction(self) -> OutboxWriter:
+        return self._writer(None)
+
+    def _writer(self, alias: str | None) -> DjangoWriter:
+        return DjangoWriter(alias, self.alias_for, self.stager.notify_due)
 
     # -- the stores ------------------------------------------------------------------------------
 
@@ -198,7 +215,7 @@ class DjangoOutbox:
                 found.append(alias)
         return list(dict.fromkeys(found))
 
-    def store(self, alias: str | None = None) -> Any:
+    def store(self, alias: str | None = None) -> SQLAlchemyDatabase:
         """The SQLAlchemy store of ``alias`` (default: the configured database), made once."""
         from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase, create_outbox_engine
 
@@ -212,35 +229,37 @@ class DjangoOutbox:
                 self._stores[alias] = store
             return store
 
-    def _each(self, alias: str | None) -> Iterator[Any]:
+    def relay_stores(self) -> list[SQLAlchemyDatabase]:
+        """The store of every alias holding an outbox: one relay each."""
+        return list(self._each())
+
+    def _each(self, alias: str | None = None) -> Iterator[SQLAlchemyDatabase]:
+        """The store of every alias holding an outbox (of ``alias`` only, when given), each made
+        when reached."""
         for name in [alias] if alias else self.aliases():
             yield self.store(name)
 
-    def claim(self, limit: int) -> AbstractContextManager[Any]:
-        return self.store().claim(limit)  # type: ignore[no-any-return]
+    def _total(self, work: Callable[[SQLAlchemyDatabase], int], until: int | None = None) -> int:
+        """``work`` on every alias's store, summed; the aliases left are skipped once the sum
+        reaches ``until`` (a job's row lives in one alias, which its id does not tell)."""
+        total = 0
+        for store in self._each():
+            if until is not None and total >= until:
+                break
+            total += work(store)
+        return total
 
-    def complete(self, job_id: str) -> int:
-        for store in self._each(None):
-            count = int(store.complete(job_id))
-            if count:
-                return count
-        return 0
+    def claim(self, limit: int) -> AbstractContextManager[ClaimBySelect | ClaimByUpdate]:
+        return self.store().claim(limit)
+
+    def listener(self) -> PostgresListener | None:
+        return self.store().listener()
 
     def complete_many(self, job_ids: Sequence[str]) -> int:
-        # A row lives in one alias, which the id does not tell: every alias, until all are found.
-        count = 0
-        for store in self._each(None):
-            if count >= len(job_ids):
-                break
-            count += int(store.complete_many(job_ids))
-        return count
+        return self._total(lambda store: store.complete_many(job_ids), until=len(job_ids))
 
     def bury(self, job_id: str, error: str) -> int:
-        for store in self._each(None):
-            count = int(store.bury(job_id, error))
-            if count:
-                return count
-        return 0
+        return self._total(lambda store: store.bury(job_id, error), until=1)
 
     def status(self, alias: str | None = None) -> OutboxStatus:
         statuses = [store.status() for store in self._each(alias)]
@@ -253,18 +272,27 @@ class DjangoOutbox:
         )
 
     def retry_dead(self, alias: str | None = None) -> int:
-        return sum(int(store.retry_dead()) for store in self._each(alias))
+        return sum(store.retry_dead() for store in self._each(alias))
 
     def requeue_unfinished(self, older_than: float, max_deliveries: int) -> tuple[int, int]:
-        requeued = dead = 0
-        for store in self._each(None):
-            r, d = store.requeue_unfinished(older_than, max_deliveries)
-            requeued, dead = requeued + r, dead + d
-        return requeued, dead
+        counts = [store.requeue_unfinished(older_than, max_deliveries) for store in self._each()]
+        return sum(requeued for requeued, _ in counts), sum(dead for _, dead in counts)
 
-    def dispose(self) -> None:
+    def close(self) -> None:
+        """Release every alias's store: the connection completion keeps (not the pool's to
+        close), then the engine made for it. Stores are made again when next needed."""
         with self._lock:
             stores, self._stores = list(self._stores.values()), {}
         for store in stores:
-            store.close()  # the connection completion keeps is not the pool's to close
+            store.close()
             store.engine.dispose()
+
+    def dispose(self) -> None:
+        """:meth:`close` (its former name)."""
+        self.close()
+
+
+if TYPE_CHECKING:
+
+    def _conforms(outbox: DjangoOutbox) -> OutboxDatabase:
+        return outbox

@@ -1,0 +1,242 @@
+"""Every statement the outbox runs, built once from its ``Table``, in one place.
+
+Values are bound parameters, named in each statement's docstring; the claims' state is a literal
+(see :attr:`OutboxStatements.claim_by_select`). The staging INSERT depends on the dialect: it is
+built, and compiled for the driver, on first use and cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    Delete,
+    Dialect,
+    Insert,
+    Select,
+    Table,
+    Update,
+    any_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+
+from reliable_job import schema
+from reliable_job.ports import StagedJob
+
+CLAIM_PLAN = "SET LOCAL enable_sort = off"
+"""Claims walk the partial index ``ix_<table>_pending`` in id order, whatever the statistics say.
+
+Without it, on a table not analyzed yet (a fresh table, a burst of inserts before autovacuum's
+ANALYZE) the planner may fetch every pending row through ``ix_<table>_state`` and sort them all
+for each batch. ``SET LOCAL`` lasts for the claim's transaction only."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class OutboxStatements:
+    """The statements of one outbox table."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = t = table
+        self.notify_channel = schema.notify_channel(table.name)
+        self._inserts: dict[tuple[str, bool], Insert] = {}
+        self._driver_sql: dict[tuple[str, bool], tuple[str, dict[str, Any]]] = {}
+
+        # -- claims: bind ``now`` and ``limit`` -----------------------------------------------
+        # The state is a literal, not a parameter: a prepared (generic) plan must still match
+        # the partial index's predicate (state = 'pending').
+        publishable = (
+            select(t.c.id)
+            .where(t.c.state == literal_column(f"'{schema.PENDING}'"))
+            .where(or_(t.c.available_at.is_(None), t.c.available_at <= bindparam("now")))
+            .order_by(t.c.id)
+            .limit(bindparam("limit"))
+        )
+        self.claim_by_select: Select[Any] = publishable.with_only_columns(
+            t.c.id, t.c.job_id, t.c.message, t.c.attempts
+        )
+        """The claim by SELECT (SQLite: one writer at a time, BEGIN IMMEDIATE)."""
+        # ARRAY(subquery) is an InitPlan: run exactly once, then the update reaches its rows
+        # through the primary key. (A join with the subquery can be planned as a nested loop
+        # rescanning it for every row of the table when the statistics are off.)
+        picked = func.array(publishable.with_for_update(skip_locked=True).scalar_subquery())
+        self.claim_by_update: Update = (
+            update(t)
+            .where(t.c.id == any_(picked))
+            .values(
+                state=schema.SENT,
+                sent_at=bindparam("now"),
+                updated_at=bindparam("now"),
+                available_at=None,
+                attempts=t.c.attempts + 1,
+            )
+            .returning(t.c.id, t.c.job_id, t.c.message, t.c.attempts)
+        )
+        """The claim on PostgreSQL: lock up to ``limit`` publishable rows nobody else holds (SKIP
+        LOCKED, through the partial index) and mark them sent, in one statement."""
+
+        # -- a claim's rows: bind ``row_id`` (``ids`` for mark_sent) ----------------------------
+        now = bindparam("now", type_=t.c.updated_at.type)
+        retry_at = bindparam("retry_at", type_=t.c.available_at.type)
+        by_id = update(t).where(t.c.id == bindparam("row_id"))
+        self.mark_sent: Update = (
+            update(t)
+            .where(t.c.id.in_(bindparam("ids", expanding=True)))
+            .values(
+                state=schema.SENT,
+                sent_at=now,
+                updated_at=now,
+                available_at=None,
+                attempts=t.c.attempts + 1,
+            )
+        )
+        """Rows claimed by SELECT, published: ``ids``, ``now``."""
+        self.mark_dead: Update = by_id.values(
+            state=schema.DEAD,
+            attempts=bindparam("new_attempts"),
+            last_error=bindparam("error"),
+            updated_at=now,
+        )
+        """A claimed row that will never publish: ``new_attempts``, ``error``, ``now``."""
+        self.mark_retry: Update = by_id.values(
+            state=schema.PENDING,
+            attempts=bindparam("new_attempts"),
+            last_error=bindparam("error"),
+            available_at=retry_at,
+            updated_at=now,
+        )
+        """A claimed row that failed to publish, pending again later: ``new_attempts``, ``error``,
+        ``retry_at``, ``now``."""
+        self.defer: Update = by_id.values(
+            state=schema.PENDING,
+            attempts=bindparam("new_attempts"),
+            available_at=retry_at,
+            updated_at=now,
+        )
+        """A claimed row left for later, as it was before the claim (its ``last_error`` kept):
+        ``new_attempts`` (the row's before the claim), ``retry_at``, ``now``."""
+        self.release: Update = by_id.values(
+            state=schema.PENDING,
+            attempts=bindparam("new_attempts"),
+            available_at=None,
+        )
+        """A row claimed by UPDATE the relay did not report: pending at once, ``new_attempts``
+        as before the claim."""
+
+        # -- completion: bind ``job_ids`` ---------------------------------------------------
+        # PostgreSQL: one array parameter (one statement text, whatever the batch size).
+        self.delete_any_job: Delete = delete(t).where(
+            t.c.job_id == any_(bindparam("job_ids", type_=ARRAY(t.c.job_id.type)))
+        )
+        self.delete_jobs: Delete = delete(t).where(t.c.job_id.in_(bindparam("job_ids", expanding=True)))
+
+        # -- the CLI and the relay's housekeeping -------------------------------------------
+        self.bury: Update = (
+            update(t)
+            .where(t.c.job_id == bindparam("target_job_id"))
+            .values(state=schema.DEAD, last_error=bindparam("error"), updated_at=now)
+        )
+        """``target_job_id``, ``error``, ``now``."""
+        self.retry_dead: Update = (
+            update(t)
+            .where(t.c.state == schema.DEAD)
+            .values(state=schema.PENDING, attempts=0, available_at=None, updated_at=now)
+        )
+        """``now``."""
+        cutoff = bindparam("cutoff", type_=t.c.sent_at.type)
+        stale = (
+            (t.c.state == schema.SENT) & (t.c.sent_at <= cutoff) & (or_(t.c.eta.is_(None), t.c.eta <= cutoff))
+        )
+        self.requeue_dead: Update = (
+            update(t)
+            .where(stale & (t.c.attempts >= bindparam("max_deliveries")))
+            .values(state=schema.DEAD, last_error=bindparam("error"), updated_at=now)
+        )
+        """Sent before ``cutoff``, published ``max_deliveries`` times: ``error``, ``now``."""
+        self.requeue: Update = (
+            update(t)
+            .where(stale)
+            .values(state=schema.PENDING, available_at=None, last_error=bindparam("error"), updated_at=now)
+        )
+        """Sent before ``cutoff``: pending again, ``error``, ``now``."""
+        self.count_by_state: Select[Any] = select(t.c.state, func.count()).group_by(t.c.state)
+        self.oldest_pending: Select[Any] = (  # the lowest pending id, through the partial index
+            select(t.c.created_at).where(t.c.state == schema.PENDING).order_by(t.c.id).limit(1)
+        )
+
+    # -- staging -----------------------------------------------------------------------------
+
+    def insert(self, dialect: str, notify: bool = False) -> Insert:
+        """The staging INSERT; with ``notify`` (PostgreSQL) it also wakes the relays, in the same
+        statement: ``updated_at`` is read through ``pg_notify`` (no extra round trip). Its rows
+        come from :meth:`rows` with the same ``notify``."""
+        stmt = self._inserts.get((dialect, notify))
+        if stmt is None:
+            if dialect == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+                pg = pg_insert(self.table)
+                if notify:
+                    staged_at = bindparam("staged_at", type_=self.table.c.updated_at.type)
+                    pg = pg.values(
+                        updated_at=select(staged_at)
+                        .select_from(func.pg_notify(self.notify_channel, ""))
+                        .scalar_subquery()
+                    )
+                stmt = pg.on_conflict_do_nothing(index_elements=["job_id"])
+            elif dialect == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+                stmt = sqlite_insert(self.table).on_conflict_do_nothing(index_elements=["job_id"])
+            else:
+                stmt = insert(self.table)
+            self._inserts[(dialect, notify)] = stmt
+        return stmt
+
+    def driver_insert(self, dialect: Dialect, notify: bool) -> tuple[str, dict[str, Any]]:
+        """The staging INSERT of :meth:`insert` as the driver's SQL text, compiled once per
+        dialect: named parameters (the keys of :meth:`rows`) plus the statement's constant ones
+        (the ``pg_notify`` channel), to merge into every row."""
+        key = (f"{dialect.name}+{dialect.driver}", notify)
+        found = self._driver_sql.get(key)
+        if found is None:
+            keys = list(self.rows([StagedJob("", "", "", "", None)], notify)[0])
+            columns = [k for k in keys if k in self.table.c]
+            compiled = self.insert(dialect.name, notify).compile(
+                dialect=dialect,
+                column_keys=columns,
+                for_executemany=True,  # no RETURNING
+            )
+            constants = {k: v for k, v in compiled.params.items() if k not in keys}
+            found = self._driver_sql[key] = (compiled.string, constants)
+        return found
+
+    @staticmethod
+    def rows(jobs: Sequence[StagedJob], notify: bool = False) -> list[dict[str, Any]]:
+        """The staging INSERT's parameters, one dict per job."""
+        now = utcnow()
+        last = "staged_at" if notify else "updated_at"
+        return [
+            {
+                "job_id": j.job_id,
+                "task_name": j.task_name,
+                "queue": j.queue,
+                "message": j.message,
+                "eta": j.eta,
+                "created_at": now,
+                last: now,
+            }
+            for j in jobs
+        ]

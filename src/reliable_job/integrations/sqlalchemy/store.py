@@ -1,0 +1,156 @@
+"""The outbox in one SQLAlchemy database: the stager applications stage through, and the store the
+relay, completion and the CLI use (:class:`~reliable_job.ports.OutboxDatabase`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta, timezone
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine, MetaData, Table
+
+from reliable_job import schema
+from reliable_job.integrations.sqlalchemy import claims
+from reliable_job.integrations.sqlalchemy.claims import ClaimBySelect, ClaimByUpdate
+from reliable_job.integrations.sqlalchemy.engine import (
+    KeptConnection,
+    claim_engine,
+    create_outbox_engine,
+    dispose_after_fork,
+    unavailable_as_error,
+)
+from reliable_job.integrations.sqlalchemy.listen import PostgresListener, postgres_listener
+from reliable_job.integrations.sqlalchemy.statements import CLAIM_PLAN, OutboxStatements, utcnow
+from reliable_job.integrations.sqlalchemy.table import outbox_table
+from reliable_job.integrations.sqlalchemy.writers import sqlalchemy_stager
+from reliable_job.ports import OutboxStatus
+from reliable_job.settings import Settings
+
+if TYPE_CHECKING:
+    from reliable_job.ports import OutboxDatabase
+
+logger = logging.getLogger(__name__)
+
+
+class SQLAlchemyDatabase:
+    """The outbox table in one SQLAlchemy database."""
+
+    def __init__(self, settings: Settings, *, metadata: MetaData | None = None) -> None:
+        self.settings = settings
+        if settings.engine is not None:
+            self.engine: Engine = settings.engine
+            dispose_after_fork(self.engine)
+        else:
+            self.engine = create_outbox_engine(settings.database_url)
+        self.table: Table = (
+            metadata.tables.get(settings.table_name) if metadata is not None else None
+        ) or outbox_table(MetaData(), settings.table_name)
+        self.statements = OutboxStatements(self.table)
+        self.notify_channel = self.statements.notify_channel
+        self.stager = sqlalchemy_stager(settings, self.engine, self.statements)
+        # Claims open with BEGIN IMMEDIATE on SQLite (one writer); the option is ignored elsewhere.
+        self._claim_engine = claim_engine(self.engine)
+        self._completion = KeptConnection(self.engine)
+
+    def relay_stores(self) -> Sequence[SQLAlchemyDatabase]:
+        """One database, one store: this one."""
+        return [self]
+
+    # -- the relay ----------------------------------------------------------------------------
+
+    @contextmanager
+    def claim(self, limit: int) -> Iterator[ClaimBySelect | ClaimByUpdate]:
+        """Lock up to ``limit`` publishable rows (see :mod:`~reliable_job.integrations.sqlalchemy.claims`),
+        committed when the block ends."""
+        with unavailable_as_error(), claims.claim(self._claim_engine, self.statements, limit) as taken:
+            yield taken
+
+    def listener(self) -> PostgresListener | None:
+        """A relay's :class:`~reliable_job.ports.Wakeup`: ``LISTEN`` on PostgreSQL (psycopg 3);
+        ``None`` on SQLite (it polls). Raises when listening fails."""
+        if not self.settings.listen_notify or self.engine.dialect.name != "postgresql":
+            return None
+        return postgres_listener(self.engine, self.notify_channel)
+
+    def explain_claim(self, limit: int = 500) -> list[str]:
+        """PostgreSQL's plan for a claim of ``limit`` rows, as the relay runs it (same statement,
+        same planner settings), without running it."""
+        compiled = self.statements.claim_by_update.compile(dialect=self.engine.dialect)
+        params = dict(compiled.params, now=utcnow(), limit=limit)
+        with unavailable_as_error(), self.engine.connect() as conn:
+            conn.exec_driver_sql(CLAIM_PLAN)
+            plan = conn.exec_driver_sql(f"EXPLAIN {compiled.string}", params).scalars().all()
+            conn.rollback()
+        return [str(line) for line in plan]
+
+    def requeue_unfinished(self, older_than: float, max_deliveries: int) -> tuple[int, int]:
+        now = utcnow()
+        params = {"now": now, "cutoff": now - timedelta(seconds=older_than)}
+        note = f"not completed {older_than:.0f}s after publishing"
+        with unavailable_as_error(), self.engine.begin() as conn:
+            dead = conn.execute(
+                self.statements.requeue_dead,
+                {**params, "max_deliveries": max_deliveries, "error": f"{note}, {max_deliveries} times"},
+            ).rowcount
+            requeued = conn.execute(self.statements.requeue, {**params, "error": note}).rowcount
+        return requeued, dead
+
+    # -- completion ---------------------------------------------------------------------------
+
+    def complete_many(self, job_ids: Sequence[str]) -> int:
+        """Delete the rows of ``job_ids`` in one statement (completion's batched deletes)."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        if self.engine.dialect.name != "postgresql":
+            with unavailable_as_error(), self.engine.begin() as conn:
+                return conn.execute(self.statements.delete_jobs, {"job_ids": ids}).rowcount
+        # The worker deletes the rows of finished tasks: one autocommit DELETE on a connection
+        # the process keeps (no pool checkout, ping, BEGIN or COMMIT round trips).
+        delete = self.statements.delete_any_job
+        return self._completion.run(lambda conn: conn.execute(delete, {"job_ids": ids}).rowcount)
+
+    def bury(self, job_id: str, error: str) -> int:
+        with unavailable_as_error(), self.engine.begin() as conn:
+            params = {"target_job_id": job_id, "error": error, "now": utcnow()}
+            return conn.execute(self.statements.bury, params).rowcount
+
+    def close(self) -> None:
+        """Release the connection completion keeps (PostgreSQL)."""
+        self._completion.close()
+
+    # -- the CLI ------------------------------------------------------------------------------
+
+    def status(self) -> OutboxStatus:
+        with unavailable_as_error(), self.engine.connect() as conn:
+            counts: dict[str, int] = {
+                state: n for state, n in conn.execute(self.statements.count_by_state).all()
+            }
+            oldest = conn.execute(self.statements.oldest_pending).scalar()
+        age = None
+        if oldest is not None:
+            if oldest.tzinfo is None:
+                oldest = oldest.replace(tzinfo=timezone.utc)
+            age = max(0.0, (utcnow() - oldest).total_seconds())
+        return OutboxStatus(
+            pending=counts.get(schema.PENDING, 0),
+            sent=counts.get(schema.SENT, 0),
+            dead=counts.get(schema.DEAD, 0),
+            oldest_pending_seconds=age,
+        )
+
+    def retry_dead(self) -> int:
+        with unavailable_as_error(), self.engine.begin() as conn:
+            return conn.execute(self.statements.retry_dead, {"now": utcnow()}).rowcount
+
+    def create_table(self) -> None:
+        with unavailable_as_error():
+            self.table.metadata.create_all(self.engine, tables=[self.table])
+
+
+if TYPE_CHECKING:
+
+    def _conforms(settings: Settings) -> OutboxDatabase:
+        return SQLAlchemyDatabase(settings)
