@@ -66,6 +66,10 @@ class Claim(Protocol):
     def mark_failed(self, row: ClaimedRow, error: str, *, retry_in: float | None) -> None:
         """Record a publish error; ``retry_in=None`` sets the row dead."""
 
+    def defer(self, row: ClaimedRow, retry_in: float) -> None:
+        """Leave the row pending, unpublished, for ``retry_in`` seconds: attempts and last error
+        unchanged (a row this relay cannot read yet, see ``UnknownMessageFormat``)."""
+
 
 class OutboxStore(Protocol):
     """The outbox table, as the relay, completion and the CLI see it."""
@@ -125,6 +129,9 @@ class Broker(Protocol):
 
     def publish(self, rows: Sequence[ClaimedRow]) -> Mapping[int, Exception]:
         """Publish every row; return the rows that could not be published, by id.
+
+        A row's error is :class:`~reliable_job.errors.UnknownMessageFormat` when its stored format
+        is newer than this relay reads: the relay then defers it instead of counting an attempt.
 
         Raises :class:`~reliable_job.errors.BrokerUnavailable` when the broker cannot be reached:
         then nothing counts as published.

@@ -48,6 +48,9 @@ class _FakeClaim:
             change["available_at"] = time.time() + retry_in
         self._changes.append((row.id, change))
 
+    def defer(self, row: ClaimedRow, retry_in: float) -> None:
+        self._changes.append((row.id, {"available_at": time.time() + retry_in}))
+
 
 class InMemoryStore:
     """The outbox table in a dict. Claims lock rows until the claim ends, like SKIP LOCKED."""

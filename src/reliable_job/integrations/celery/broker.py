@@ -21,7 +21,7 @@ from kombu import Producer
 from kombu.exceptions import OperationalError
 from kombu.utils.uuid import uuid
 
-from reliable_job.errors import BrokerUnavailable
+from reliable_job.errors import BrokerUnavailable, UnknownMessageFormat
 from reliable_job.integrations.celery.message import (
     CorruptMessage,
     Route,
@@ -148,8 +148,8 @@ class KombuBroker:
         for row in rows:
             try:
                 route, head = self._route(row.message)
-            except CorruptMessage as exc:
-                failures[row.id] = exc
+            except (CorruptMessage, UnknownMessageFormat) as exc:
+                failures[row.id] = exc  # the relay sets corrupt rows dead, defers newer formats
                 continue
             planned.append((row, route, head))
 

@@ -5,16 +5,34 @@ What is stored is exactly what Celery handed to kombu's ``Producer._publish`` af
 (and compression): body bytes, content type and encoding, headers, properties, exchange, routing
 key and the queues to declare. Never pickle: the envelope is JSON.
 
-Two envelope versions are read:
+Every envelope, whatever its version, is a JSON object whose ``"v"`` key is its format version,
+an integer. Two versions are read:
 
-- ``v1`` (0.1): the body is text when its encoding is UTF-8 and base64 otherwise, next to the
-  content type and encoding, headers, properties, exchange, routing key and queues to declare.
-- ``v2`` (written since 0.2): the routing fields, then, as the last key, ``"payload"``: the
-  message exactly as kombu's Redis transport puts it in Redis (kombu's virtual-channel message:
-  base64 body, headers, properties with ``delivery_info`` and ``body_encoding``), with an empty
-  ``delivery_tag`` as its very last field. The relay's Redis fast path splices a fresh delivery
-  tag in and pushes the bytes, with no decode or re-encode; any other transport decodes the
-  payload back into ``Producer.publish`` arguments.
+- ``v1``: written by the first reliable-job 0.1 builds, before the Redis fast relay. The body is
+  text when its encoding is UTF-8 and base64 otherwise, next to the content type and encoding,
+  headers, properties, exchange, routing key and queues to declare. Still written for a message
+  ``v2`` cannot hold (properties kombu itself sets).
+- ``v2``: written by reliable-job 0.1 (since the Redis fast relay) and later. The routing fields,
+  then, as the last key, ``"payload"``: the message exactly as kombu's Redis transport puts it in
+  Redis (kombu's virtual-channel message: base64 body, headers, properties with ``delivery_info``
+  and ``body_encoding``), with an empty ``delivery_tag`` as its very last field. The relay's Redis
+  fast path splices a fresh delivery tag in and pushes the bytes, with no decode or re-encode; any
+  other transport decodes the payload back into ``Producer.publish`` arguments.
+
+Version policy. Producers write the envelope; relays read it. When a release changes the format:
+
+- readers come first: a new format version is written only by a release whose relays already read
+  it, so there is always one release of overlap (release N reads the new version and still writes
+  the old one; release N+1 writes the new one). Upgrade every relay before any producer (README,
+  "Rolling it out");
+- a relay that meets a version newer than it reads (:data:`FORMAT_VERSION`) does not guess: the
+  broker adapter reports :class:`~reliable_job.errors.UnknownMessageFormat` for the row, and the
+  relay leaves it pending (attempts unchanged, tried again a minute later), logs it once per
+  version, and keeps relaying the rest. Upgraded relays then publish it;
+- a row that is not a JSON object with an integer ``"v"``, or is version 1 or 2 but malformed, is
+  corrupt (:class:`CorruptMessage`): retried with backoff, then set dead with its error;
+- every version ever written stays readable (rows outlive deployments: a v1 row staged before an
+  upgrade is published by every later relay).
 """
 
 from __future__ import annotations
@@ -26,9 +44,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from reliable_job.errors import NotSerializableError
+from reliable_job.errors import NotSerializableError, UnknownMessageFormat
 
 FORMAT_VERSION = 2
+"""The newest envelope version this release reads (and the one it writes)."""
+KNOWN_VERSIONS = (1, 2)
 _TEXT_ENCODINGS = ("utf-8", "utf8")
 
 PAYLOAD_KEY = ',"payload":'
@@ -166,6 +186,23 @@ class CorruptMessage(ValueError):
     """A stored message the relay cannot read."""
 
 
+def format_version(doc: object) -> int:
+    """The format version of a decoded envelope: 1 or 2.
+
+    Raises :class:`~reliable_job.errors.UnknownMessageFormat` for an integer version newer than
+    :data:`FORMAT_VERSION` (a newer release wrote it), :class:`CorruptMessage` for anything else.
+    """
+    if not isinstance(doc, dict):
+        raise CorruptMessage(f"corrupt outbox message: a JSON {type(doc).__name__}, not an object")
+    version = doc.get("v")
+    if isinstance(version, int) and not isinstance(version, bool):
+        if version in KNOWN_VERSIONS:
+            return version
+        if version > FORMAT_VERSION:
+            raise UnknownMessageFormat(version)
+    raise CorruptMessage(f"unknown message format version {version!r}")
+
+
 @dataclass(frozen=True)
 class Route:
     """Where a stored message goes: what the relay's Redis fast path needs besides the payload."""
@@ -213,7 +250,7 @@ def publish_arguments(text: str) -> tuple[bytes, dict[str, Any]]:
     """``(body, kwargs)`` for ``kombu.Producer.publish`` from a stored message (v1 or v2)."""
     try:
         doc = json.loads(text)
-        version = doc.get("v")
+        version = format_version(doc)
         if version == 2:
             payload = doc["payload"]
             if payload["properties"].get("body_encoding") != "base64":
@@ -223,15 +260,13 @@ def publish_arguments(text: str) -> tuple[bytes, dict[str, Any]]:
             content_type = payload["content-type"]
             content_encoding = payload["content-encoding"]
             headers = payload["headers"]
-        elif version == 1:
+        else:  # version 1
             raw = doc["body"]
             body = raw.encode("utf-8") if doc["body_encoding"] == "text" else base64.b64decode(raw)
             properties = dict(doc["properties"])
             content_type = doc["content_type"]
             content_encoding = doc["content_encoding"]
             headers = doc["headers"]
-        else:
-            raise CorruptMessage(f"unknown message format version {version!r}")
         expiration = properties.pop("expiration", None)
         kwargs: dict[str, Any] = {
             "content_type": content_type,
@@ -247,7 +282,7 @@ def publish_arguments(text: str) -> tuple[bytes, dict[str, Any]]:
             "declare_names": list(doc["declare"]),
             **properties,
         }
-    except CorruptMessage:
+    except (CorruptMessage, UnknownMessageFormat):
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptMessage(f"corrupt outbox message: {type(exc).__name__}: {exc}") from exc

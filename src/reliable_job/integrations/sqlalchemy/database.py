@@ -132,6 +132,15 @@ class _Claim:
             values["available_at"] = now + timedelta(seconds=retry_in)
         self._conn.execute(update(t).where(t.c.id == row.id).values(**values))
 
+    def defer(self, row: ClaimedRow, retry_in: float) -> None:
+        t = self._db.table
+        now = utcnow()
+        self._conn.execute(
+            update(t)
+            .where(t.c.id == row.id)
+            .values(available_at=now + timedelta(seconds=retry_in), updated_at=now)
+        )
+
     def finish(self) -> None:
         """Nothing to undo: unmarked rows were never changed."""
 
@@ -164,6 +173,22 @@ class _SentClaim:
         else:
             values.update(state=schema.PENDING, available_at=now + timedelta(seconds=retry_in))
         self._conn.execute(update(t).where(t.c.id == row.id).values(**values))
+        self._settled.add(row.id)
+
+    def defer(self, row: ClaimedRow, retry_in: float) -> None:
+        """Undo the claim's marking (pending, attempts as they were), due in ``retry_in``."""
+        t = self._db.table
+        now = utcnow()
+        self._conn.execute(
+            update(t)
+            .where(t.c.id == row.id)
+            .values(
+                state=schema.PENDING,
+                attempts=row.attempts,
+                available_at=now + timedelta(seconds=retry_in),
+                updated_at=now,
+            )
+        )
         self._settled.add(row.id)
 
     def finish(self) -> None:
