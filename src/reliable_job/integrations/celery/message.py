@@ -17,7 +17,11 @@ an integer. Two versions are read:
   Redis (kombu's virtual-channel message: base64 body, headers, properties with ``delivery_info``
   and ``body_encoding``), with an empty ``delivery_tag`` as its very last field. The relay's Redis
   fast path splices a fresh delivery tag in and pushes the bytes, with no decode or re-encode; any
-  other transport decodes the payload back into ``Producer.publish`` arguments.
+  other transport decodes the payload back into ``Producer.publish`` arguments. Only a v2 text
+  exactly as :class:`CapturedPublish` writes it is sliced (its routing fields are still decoded
+  and type-checked, once per distinct text; its payload bytes are pushed as stored); any other
+  text, such as a row a SQL tool re-serialized with other spacing or key order, is decoded and
+  checked in full, and its payload re-serialized as kombu writes it (same JSON content).
 
 Version policy. Producers write the envelope; relays read it. When a release changes the format:
 
