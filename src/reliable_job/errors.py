@@ -28,3 +28,16 @@ class BrokerUnavailable(ReliableJobError):
 
 class DatabaseUnavailable(ReliableJobError):
     """The outbox database cannot be reached; the relay retries."""
+
+
+class UnknownMessageFormat(ReliableJobError):
+    """A stored message is in a format version newer than this relay reads.
+
+    A newer release of reliable-job wrote it (producers upgraded before relays). The relay leaves
+    the row pending, untouched but for a later retry time, so a relay that reads the version (after
+    the upgrade) publishes it; it is neither published nor set dead.
+    """
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"stored message format version {version} is newer than this relay reads")
+        self.version = version

@@ -131,6 +131,9 @@ class Broker(Protocol):
     def publish(self, rows: Sequence[ClaimedRow]) -> Mapping[int, Exception]:
         """Publish every row; return the rows that could not be published, by id.
 
+        A row's error is :class:`~reliable_job.errors.UnknownMessageFormat` when its stored format
+        is newer than this relay reads: the relay then defers it instead of counting an attempt.
+
         Raises :class:`~reliable_job.errors.BrokerUnavailable` when the broker cannot be reached:
         then nothing counts as published.
         """

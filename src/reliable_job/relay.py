@@ -24,13 +24,22 @@ import time
 from collections.abc import Callable
 
 from reliable_job.backoff import backoff_delay
-from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable
-from reliable_job.ports import Broker, OutboxStore, Wakeup
+from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable, UnknownMessageFormat
+from reliable_job.ports import Broker, Claim, ClaimedRow, OutboxStore, Wakeup
 
 logger = logging.getLogger(__name__)
 
+UNKNOWN_FORMAT_RETRY = 60.0
+"""Seconds a row in a format version newer than this relay reads waits before it is claimed again.
+
+Long enough that relays do not spin on such rows, short enough that relays upgraded meanwhile
+publish them soon after. The row stays pending; its attempts are not counted."""
+
 
 class Relay:
+    _unknown_formats: frozenset[int] = frozenset()
+    """Format versions this relay met and could not read (each logged once)."""
+
     def __init__(
         self,
         store: OutboxStore,
@@ -88,6 +97,9 @@ class Relay:
                 error = failures.get(row.id)
                 if error is None:
                     continue
+                if isinstance(error, UnknownMessageFormat):
+                    self._defer_unknown_format(claim, row, error)
+                    continue
                 attempts = row.attempts + 1
                 text = f"{type(error).__name__}: {error}"
                 if attempts >= self.max_publish_attempts:
@@ -112,6 +124,24 @@ class Relay:
                     claim.mark_failed(row, text, retry_in=retry_in)
         self.published += len(sent)
         return len(rows)
+
+    def _defer_unknown_format(self, claim: Claim, row: ClaimedRow, error: UnknownMessageFormat) -> None:
+        """Leave a row a newer release wrote pending (neither published nor dead, attempts as
+        they were) and try it again later; say so once per version."""
+        claim.defer(row, UNKNOWN_FORMAT_RETRY)
+        if error.version in self._unknown_formats:
+            logger.debug("job %s left pending: %s", row.job_id, error)
+            return
+        self._unknown_formats |= {error.version}
+        logger.warning(
+            "job %s is stored in message format version %d, newer than this relay reads: "
+            "rows in that format stay pending (tried again every %.0fs) until relays that read it "
+            "run; upgrade relays before producers (README: Rolling it out)",
+            row.job_id,
+            error.version,
+            UNKNOWN_FORMAT_RETRY,
+            extra={"reliable_job.job_id": row.job_id},
+        )
 
     def run(self) -> None:
         """Relay until :meth:`stop` is called; the batch in flight is finished first."""

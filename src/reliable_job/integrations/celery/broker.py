@@ -9,6 +9,11 @@ same payload, same key (kombu's priority-queue naming included), same binding bo
 are declared through kombu, once per connection). Anything the fast path does not cover (other
 exchange types, expiring queues, an unbound routing key, a non-default body encoding, Sentinel,
 pipelines Redis may retry, other transports) goes through kombu's own publish batch.
+
+A row the relay cannot read (corrupt JSON, a field of the wrong type, a format version newer than
+this release reads) is that row's failure in the returned mapping, never an exception for the
+batch: the rows around it are published. A stored envelope a tool re-serialized (other spacing or
+key order) misses the fast path's slicing and is decoded and checked instead.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from kombu.utils.uuid import uuid
 
 from reliable_job.errors import BrokerUnavailable
 from reliable_job.integrations.celery.message import (
-    CorruptMessage,
     Route,
     publish_arguments,
     redis_parts,
@@ -148,8 +152,8 @@ class KombuBroker:
         for row in rows:
             try:
                 route, head = self._route(row.message)
-            except CorruptMessage as exc:
-                failures[row.id] = exc
+            except Exception as exc:  # CorruptMessage, UnknownMessageFormat: this row's failure
+                failures[row.id] = exc  # the relay sets corrupt rows dead, defers newer formats
                 continue
             planned.append((row, route, head))
 
@@ -186,21 +190,27 @@ class KombuBroker:
             if refusal is not None:
                 failures[row.id] = refusal
                 continue
-            key = (route.exchange, route.routing_key)
-            if key not in lookups:
-                lookups[key] = self._lookup(channel, tables, *key)
-            queues = lookups[key]
-            if queues is None:
-                rest.append(row)
+            try:
+                key = (route.exchange, route.routing_key)
+                if key not in lookups:
+                    lookups[key] = self._lookup(channel, tables, *key)
+                queues = lookups[key]
+                if queues is None:
+                    rest.append(row)
+                    continue
+                payload = f'{head}{uuid()}"}}}}'
+                priority = priorities.get(route.priority)
+                if priority is None:
+                    priority = priorities[route.priority] = channel._get_message_priority(
+                        {"properties": {"priority": route.priority or 0}}
+                    )
+                redis_keys = [channel._q_for_pri(queue, priority) for queue in queues]
+            except Exception as exc:
+                if self._is_outage(exc):
+                    raise
+                failures[row.id] = exc  # this row's routing, never the batch's
                 continue
-            payload = f'{head}{uuid()}"}}}}'
-            priority = priorities.get(route.priority)
-            if priority is None:
-                priority = priorities[route.priority] = channel._get_message_priority(
-                    {"properties": {"priority": route.priority or 0}}
-                )
-            for queue in queues:
-                redis_key = channel._q_for_pri(queue, priority)
+            for redis_key in redis_keys:
                 pushes.setdefault(redis_key, []).append(payload)
                 pushed.setdefault(redis_key, []).append(row.id)
         if pushes:
