@@ -4,7 +4,8 @@
   ``batch_size`` rows, then rolled back so the same backlog is measured every time) in an outbox of
   ``claim_large`` pending rows / in one of ``claim_small``. The two outboxes exist side by side
   (the large one is a second ``install`` with its own table name), both after ``VACUUM ANALYZE``,
-  and blocks of 10 claims alternate between them.
+  and blocks of 10 claims alternate between them. Each pair of blocks is a round: the figure is
+  the median over rounds of (median claim of the large block / median claim of the small one).
 * ``relay_rss_mb``: peak RSS (``ru_maxrss`` from ``os.wait4``) of a ``reliable-job relay`` process
   draining the large backlog (``rss_rows`` of it in a quick run). A janitor empties the Redis
   queue as it fills (atomic LLEN + DEL), so Redis memory stays flat and the count is exact.
@@ -26,6 +27,8 @@ from bench.common import (
     load_rows,
     log,
     median,
+    paired,
+    ratio_keys,
     relay_process,
     reset_outbox,
     wait_connected,
@@ -51,9 +54,10 @@ def _claim_ms(database: Any, limit: int) -> tuple[float, int]:
 
 
 def _compare_claims(small: Any, large: Any, limit: int, repetitions: int) -> dict[str, Any]:
-    """Blocks of 10 claims on each outbox, alternating (order swapped every round) so that drift in
-    the machine's load hits both; medians."""
+    """Blocks of 10 claims on each outbox, back to back (order swapped every round) so that drift
+    in the machine's load hits both sides of a round; the ratio of each round's block medians."""
     times: dict[str, list[float]] = {"small": [], "large": []}
+    blocks: dict[str, list[float]] = {"small": [], "large": []}
     held: dict[str, int] = {}
     for db in (small, large):  # warm the pools and the caches
         for _ in range(5):
@@ -61,12 +65,16 @@ def _compare_claims(small: Any, large: Any, limit: int, repetitions: int) -> dic
     for r in range(max(1, repetitions // 10)):
         pair = [("small", small), ("large", large)]
         for name, db in pair if r % 2 == 0 else reversed(pair):
+            block = []
             for _ in range(10):
                 ms, held[name] = _claim_ms(db, limit)
-                times[name].append(ms)
+                block.append(ms)
+            times[name].extend(block)
+            blocks[name].append(median(block))
     return {
         "small_ms": median(times["small"]),
         "large_ms": median(times["large"]),
+        "ratio": paired(blocks["large"], blocks["small"]),
         "held": [held["small"], held["large"]],
     }
 
@@ -165,7 +173,7 @@ def _run(env: Env, sizes: Sizes, log_dir: Path, large: Any) -> dict[str, Any]:
     if status != 0:
         raise RuntimeError(f"relay exited with {status}:\n{relay.text()[-3000:]}")
     return {
-        "claim_scale_ratio": round(large_ms / small_ms, 3),
+        **ratio_keys("claim_scale_ratio", claims["ratio"]),
         "relay_rss_mb": round(rss_mb, 1),
         "detail": {
             "claim_small_rows": sizes.claim_small,

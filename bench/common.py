@@ -27,6 +27,9 @@ TEMPLATES = validate_table_name("bench_templates")
 ORDERS = validate_table_name("bench_orders")
 REDIS_DB = 5
 """The benchmark's own Redis database: flushed freely, never the test suite's db 0."""
+MONITOR = "/* bench:monitor */"
+"""Marks the harness's own monitoring queries: the database's cost per job (bench/dbcost.py) leaves
+out every statement whose text holds it."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class Sizes:
     enqueue_block_100: int
     relay_rows: int
     naive_rows: int
+    relay_rounds: int
+    """Rounds of raw, relay and naive drains, back to back: the relay ratios are per round."""
     latency_light_seconds: float
     latency_light_rate: float
     latency_heavy_seconds: float
@@ -59,6 +64,7 @@ FULL = Sizes(
     enqueue_block_100=10,
     relay_rows=100_000,
     naive_rows=5_000,
+    relay_rounds=3,
     latency_light_seconds=15,
     latency_light_rate=200,
     latency_heavy_seconds=10,
@@ -78,6 +84,7 @@ QUICK = Sizes(
     enqueue_block_100=5,
     relay_rows=20_000,
     naive_rows=2_000,
+    relay_rounds=3,
     latency_light_seconds=5,
     latency_light_rate=200,
     latency_heavy_seconds=5,
@@ -153,6 +160,24 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def paired(numerators: Sequence[float], denominators: Sequence[float], digits: int = 3) -> dict[str, Any]:
+    """A ratio measured as pairs: round ``i`` measured both sides back to back, so a change in the
+    machine's load hits both sides of that round's ratio. The figure is the median of the
+    per-round ratios, with every round and the spread (min, max)."""
+    assert numerators and len(numerators) == len(denominators)
+    ratios = [n / max(d, 1e-12) for n, d in zip(numerators, denominators, strict=True)]
+    return {
+        "value": round(median(ratios), digits),
+        "rounds": [round(r, digits) for r in ratios],
+        "spread": [round(min(ratios), digits), round(max(ratios), digits)],
+    }
+
+
+def ratio_keys(key: str, pair: dict[str, Any]) -> dict[str, Any]:
+    """``key``, ``<key>_rounds``, ``<key>_spread`` from :func:`paired`."""
+    return {key: pair["value"], f"{key}_rounds": pair["rounds"], f"{key}_spread": pair["spread"]}
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100) of a non-empty sample."""
     ordered = sorted(values)
@@ -221,7 +246,7 @@ def load_rows(conn: psycopg.Connection[Any], rows: int, table: str = TABLE) -> N
 
 def pending(env: Env) -> int:
     with env.pg() as conn:
-        row = conn.execute(f"SELECT count(*) FROM {TABLE} WHERE state = 'pending'").fetchone()
+        row = conn.execute(f"SELECT {MONITOR} count(*) FROM {TABLE} WHERE state = 'pending'").fetchone()
     return int(row[0]) if row else 0
 
 
@@ -292,7 +317,7 @@ def has_connected(env: Env, name: str) -> bool:
     the broker, then the database, for its first claim (the engine connects lazily)."""
     with env.pg() as conn:
         row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            f"SELECT {MONITOR} count(*) FROM pg_stat_activity WHERE application_name = %s",
             (name,),
         ).fetchone()
     return bool(row and row[0])

@@ -10,14 +10,18 @@ Each job is enqueued the way a request would: insert a business row and
 * reliable: stage the job in the transaction, COMMIT (the worker's relay publishes it).
 
 The clock runs from the first enqueue until the tasks' Redis counter reaches N; rounds alternate
-(plain, reliable, reliable, plain, ...). ``e2e_ratio`` = reliable / plain throughput (medians).
+(plain, reliable, reliable, plain, ...). ``e2e_ratio`` = the median over rounds of each round's
+reliable / plain throughput.
 
 On a small machine that clock is often bound by the producer (one enqueueing thread), so the
 figure mostly repeats the enqueue cost. ``e2e_drain_ratio`` (extra, no target) isolates the
 worker side: the backlog is ready before a fresh worker starts (plain: N messages in Redis;
 reliable: N staged rows committed in the outbox, so the worker's relay publishes them while its
 children run them and completion deletes the rows), and the clock runs from the first task run
-to the last.
+to the last. Around each drain the database's cost is read (bench/dbcost.py): for the reliable
+drain, the statements and WAL bytes per job relayed and completed
+(``db_statements_per_job_relay_complete``, ``db_wal_bytes_per_job_relay_complete``); for the plain
+one, what the idle relay thread costs meanwhile.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from bench.app import COUNTER, QUEUE, plain_noop, reliable_noop, runtime
 from bench.common import (
+    MONITOR,
     TABLE,
     Child,
     Env,
@@ -39,6 +44,8 @@ from bench.common import (
     load_rows,
     log,
     median,
+    paired,
+    ratio_keys,
     reset_outbox,
     running,
     spawn,
@@ -46,6 +53,7 @@ from bench.common import (
     wait_for,
     with_application_name,
 )
+from bench.dbcost import Cost, DbMeter, summary
 from bench.enqueue import orders
 
 
@@ -69,7 +77,7 @@ def _enqueue_reliable(n: int) -> None:
 
 def _outbox_rows(env: Env) -> int:
     with env.pg() as conn:
-        row = conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()
+        row = conn.execute(f"SELECT {MONITOR} count(*) FROM {TABLE}").fetchone()
     return int(row[0]) if row else 0
 
 
@@ -121,8 +129,11 @@ def _worker(env: Env, sizes: Sizes, log_dir: Path, name: str) -> Child:
     )
 
 
-def _drain_round(env: Env, sizes: Sizes, log_dir: Path, variant: str, n: int, name: str) -> float:
-    """Jobs/s of a worker started on a ready backlog, from the first task run to the last."""
+def _drain_round(
+    env: Env, meter: DbMeter, sizes: Sizes, log_dir: Path, variant: str, n: int, name: str
+) -> tuple[float, Cost]:
+    """Jobs/s of a worker started on a ready backlog, from the first task run to the last, and the
+    database's cost from the worker's start until completion has emptied the outbox."""
     reset_outbox(env)
     if variant == "reliable":  # staged messages, committed (see common.load_rows)
         with env.pg(autocommit=False) as conn:
@@ -132,6 +143,7 @@ def _drain_round(env: Env, sizes: Sizes, log_dir: Path, variant: str, n: int, na
         for i in range(n):
             plain_noop.apply_async((i, 0.0))
     client = env.redis()
+    before = meter.snapshot()
     worker = _worker(env, sizes, log_dir, name)
     with running([worker]):
         first: tuple[float, int] | None = None
@@ -147,25 +159,43 @@ def _drain_round(env: Env, sizes: Sizes, log_dir: Path, variant: str, n: int, na
             time.sleep(0.005)
         assert first is not None
         wait_for(lambda: _outbox_rows(env) == 0, timeout=120, what="completion to empty the outbox")
+        cost = meter.cost(before, meter.snapshot(), top=8)
     client.close()
-    return (n - first[1]) / max(now - first[0], 1e-6)
+    return (n - first[1]) / max(now - first[0], 1e-6), cost
 
 
 def _drain(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
     rates: dict[str, list[float]] = {"plain": [], "reliable": []}
-    for r in range(sizes.e2e_rounds):
-        order = ("plain", "reliable") if r % 2 == 0 else ("reliable", "plain")
-        for variant in order:
-            rate = _drain_round(env, sizes, log_dir, variant, sizes.e2e_tasks, f"drain-{variant}-{r}")
-            rates[variant].append(rate)
-            log(f"e2e drain: {variant} {rate:.0f} jobs/s")
+    costs: dict[str, list[Cost]] = {"plain": [], "reliable": []}
+    meter = DbMeter(env)
+    try:
+        for r in range(sizes.e2e_rounds):
+            order = ("plain", "reliable") if r % 2 == 0 else ("reliable", "plain")
+            for variant in order:
+                rate, cost = _drain_round(
+                    env, meter, sizes, log_dir, variant, sizes.e2e_tasks, f"drain-{variant}-{r}"
+                )
+                rates[variant].append(rate)
+                costs[variant].append(cost)
+                log(
+                    f"e2e drain: {variant} {rate:.0f} jobs/s; "
+                    f"database: {cost.statements} statements, {cost.wal_bytes} WAL bytes"
+                )
+    finally:
+        meter.close()
     plain, reliable = median(rates["plain"]), median(rates["reliable"])
+    jobs = sizes.e2e_tasks * sizes.e2e_rounds
+    db = {
+        variant: {**summary(runs, jobs), "top_statements_last_round": runs[-1].top}
+        for variant, runs in costs.items()
+    }
     return {
-        "e2e_drain_ratio": round(reliable / plain, 3),
+        **ratio_keys("e2e_drain_ratio", paired(rates["reliable"], rates["plain"])),
         "plain_jobs_per_s": round(plain),
         "reliable_jobs_per_s": round(reliable),
         "plain_rounds": [round(x) for x in rates["plain"]],
         "reliable_rounds": [round(x) for x in rates["reliable"]],
+        "db": db,
     }
 
 
@@ -193,8 +223,10 @@ def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
         reset_outbox(env)
     plain, reliable = median(rates["plain"]), median(rates["reliable"])
     return {
-        "e2e_ratio": round(reliable / plain, 3),
-        "e2e_drain_ratio": drain["e2e_drain_ratio"],
+        **ratio_keys("e2e_ratio", paired(rates["reliable"], rates["plain"])),
+        **{k: v for k, v in drain.items() if k.startswith("e2e_drain_ratio")},
+        "db_statements_per_job_relay_complete": drain["db"]["reliable"]["statements_per_job"],
+        "db_wal_bytes_per_job_relay_complete": drain["db"]["reliable"]["wal_bytes_per_job"],
         "detail": {
             "drain": drain,
             "tasks": sizes.e2e_tasks,

@@ -4,9 +4,13 @@
     way, e.g. ``delay_on_commit``);
 (b) ``staged``: insert the row, ``apply_async`` staged in the same transaction, COMMIT.
 
-Blocks of (a) and (b) alternate (and swap order every round) so drift in machine load hits both;
-the figure is the median per-transaction time over rounds. The same with 100 tasks per
-transaction gives ``enqueue_ratio_100``.
+Each round runs a block of (a) and a block of (b) back to back (the order swaps every round); the
+figure is the median over rounds of that round's ratio (b) / (a), so a change in the machine's
+load lands on both sides of a round's ratio. The same with 100 tasks per transaction gives
+``enqueue_ratio_100``.
+
+Around every block the database's cost is read (bench/dbcost.py): statements and WAL bytes per
+job, staged against direct, which do not depend on the CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, insert, text
 from sqlalchemy.orm import Session
 
 from bench.app import plain_noop, reliable_noop, runtime
-from bench.common import ORDERS, Env, Sizes, median, reset_outbox
+from bench.common import ORDERS, Env, Sizes, median, paired, reset_outbox
+from bench.dbcost import Cost, DbMeter, summary
 
 orders = Table(ORDERS, MetaData(), Column("id", Integer, primary_key=True), Column("v", String(20)))
 
@@ -57,17 +62,22 @@ def _per_call_us(fn: Callable[[int], None], n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def _compare(env: Env, tasks: int, block: int, rounds: int) -> dict[str, Any]:
+def _compare(env: Env, meter: DbMeter, tasks: int, block: int, rounds: int) -> dict[str, Any]:
     direct, staged = _direct(tasks), _staged(tasks)
     _per_call_us(direct, max(5, block // 4))  # warm up: pools, prepared messages, caches
     _per_call_us(staged, max(5, block // 4))
     a: list[float] = []
     b: list[float] = []
+    costs: dict[str, list[Cost]] = {"direct": [], "staged": []}
     for r in range(rounds):
         reset_outbox(env)  # the outbox and the queue stay small: every round sees the same tables
-        pair = [(direct, a), (staged, b)] if r % 2 == 0 else [(staged, b), (direct, a)]
-        for fn, out in pair:
+        pair = [("direct", direct, a), ("staged", staged, b)]
+        for name, fn, out in pair if r % 2 == 0 else reversed(pair):
+            before = meter.snapshot()
             out.append(_per_call_us(fn, block))
+            costs[name].append(meter.cost(before, meter.snapshot()))
+    ratio = paired(b, a)
+    jobs = block * rounds * tasks
     return {
         "tasks_per_transaction": tasks,
         "transactions_per_block": block,
@@ -76,21 +86,40 @@ def _compare(env: Env, tasks: int, block: int, rounds: int) -> dict[str, Any]:
         "staged_us": round(median(b), 1),
         "direct_us_rounds": [round(x, 1) for x in a],
         "staged_us_rounds": [round(x, 1) for x in b],
-        "ratio": round(median(b) / median(a), 3),
+        "ratio": ratio["value"],
+        "ratio_rounds": ratio["rounds"],
+        "ratio_spread": ratio["spread"],
+        "ratio_of_medians": round(median(b) / median(a), 3),
+        "db": {"direct": summary(costs["direct"], jobs), "staged": summary(costs["staged"], jobs)},
     }
 
 
 def run(env: Env, sizes: Sizes) -> dict[str, Any]:
     orders.metadata.create_all(runtime.database.engine)
+    meter = DbMeter(env)
     try:
-        one = _compare(env, 1, sizes.enqueue_block, sizes.enqueue_rounds)
-        hundred = _compare(env, 100, sizes.enqueue_block_100, sizes.enqueue_rounds)
+        one = _compare(env, meter, 1, sizes.enqueue_block, sizes.enqueue_rounds)
+        hundred = _compare(env, meter, 100, sizes.enqueue_block_100, sizes.enqueue_rounds)
     finally:
+        meter.close()
         with runtime.database.engine.begin() as conn:
             conn.execute(text(f"DROP TABLE IF EXISTS {ORDERS}"))
         reset_outbox(env)
+    db = one["db"]
     return {
-        "enqueue_ratio": one["ratio"],
-        "enqueue_ratio_100": hundred["ratio"],
+        **_ratio_keys("enqueue_ratio", one),
+        **_ratio_keys("enqueue_ratio_100", hundred),
+        "db_statements_per_job_direct": db["direct"]["statements_per_job"],
+        "db_statements_per_job_staged": db["staged"]["statements_per_job"],
+        "db_wal_bytes_per_job_direct": db["direct"]["wal_bytes_per_job"],
+        "db_wal_bytes_per_job_staged": db["staged"]["wal_bytes_per_job"],
         "detail": {"one_task": one, "hundred_tasks": hundred},
+    }
+
+
+def _ratio_keys(key: str, compared: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: compared["ratio"],
+        f"{key}_rounds": compared["ratio_rounds"],
+        f"{key}_spread": compared["ratio_spread"],
     }

@@ -51,6 +51,19 @@ KEYS = (
 """Every figure the issue asks for (baselines and details are under ``figures``)."""
 EXTRA_KEYS = ("e2e_drain_ratio",)
 """Figures of our own, printed and written alongside (no target)."""
+DB_KEYS = (
+    "db_statements_per_job_direct",
+    "db_statements_per_job_staged",
+    "db_wal_bytes_per_job_direct",
+    "db_wal_bytes_per_job_staged",
+    "db_statements_per_job_relay_complete",
+    "db_wal_bytes_per_job_relay_complete",
+)
+"""The database's cost per job on PostgreSQL (bench/dbcost.py): counts, not timings, so they do not
+depend on the CPU. Direct and staged come from the enqueue figure, relay_complete from the e2e
+drain."""
+RATIO_PARTS = ("_rounds", "_spread")
+"""Next to each ratio key: its per-round ratios and their (min, max); the key is their median."""
 
 
 def _run(cmd: list[str]) -> str:
@@ -73,7 +86,13 @@ def machine(env: Env) -> dict[str, Any]:
         row = conn.execute("SHOW server_version").fetchone()
         pg_settings = {
             name: str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
-            for name in ("fsync", "synchronous_commit", "shared_buffers")
+            for name in (
+                "fsync",
+                "synchronous_commit",
+                "full_page_writes",
+                "shared_buffers",
+                "shared_preload_libraries",
+            )
         }
     client = env.redis()
     redis_version = str(client.info("server").get("redis_version"))
@@ -123,13 +142,16 @@ def check_targets(figures: dict[str, Any]) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     targets = result["targets"]
-    lines = [f"{'figure':<20} {'value':>12}  {'target':<10} result", "-" * 52]
-    for key in KEYS + EXTRA_KEYS:
+    lines = [f"{'figure':<36} {'value':>10}  {'rounds (min..max)':<18} {'target':<10} result", "-" * 86]
+    for key in KEYS + EXTRA_KEYS + DB_KEYS:
         value = result.get(key)
         t = targets.get(key)
         verdict = "" if t is None else {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
         shown = "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-        lines.append(f"{key:<20} {shown:>12}  {t['target'] if t else '':<10} {verdict}")
+        spread = result.get(f"{key}_spread")
+        rounds = result.get(f"{key}_rounds")
+        between = f"{len(rounds)}: {spread[0]:g}..{spread[1]:g}" if spread and rounds else ""
+        lines.append(f"{key:<36} {shown:>10}  {between:<18} {t['target'] if t else '':<10} {verdict}")
     b = result["baselines"]
     lines.append("")
     lines.append("baselines: " + ", ".join(f"{k}={v}" for k, v in b.items()))
@@ -211,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     keys: dict[str, Any] = {}
     for fig in figures.values():
         keys.update({k: v for k, v in fig.items() if k != "detail"})
-    result: dict[str, Any] = {k: keys.get(k) for k in KEYS + EXTRA_KEYS}  # every key, top level
+    result: dict[str, Any] = {}  # every key at the top level, each ratio's rounds and spread next to it
+    for key in KEYS + EXTRA_KEYS + DB_KEYS:
+        result[key] = keys.get(key)
+        result.update({key + part: keys[key + part] for part in RATIO_PARTS if key + part in keys})
     result.update(
         {
             "quick": sizes.quick,

@@ -14,7 +14,10 @@
   row's task name and arguments) and one UPDATE; COMMIT per claimed batch.
 
 Every phase starts from an empty table and an empty Redis database and loads the same messages
-(copies of jobs staged through the library, see ``common.make_templates``).
+(copies of jobs staged through the library, see ``common.make_templates``). ``relay_rounds``
+rounds each run raw, one relay process and naive back to back (the order rotates every round):
+``relay_vs_raw`` and ``relay_vs_naive`` are medians of the per-round ratios, ``relay_jobs_per_s``
+the median relay rate. Two relay processes run once, after the rounds.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from bench.common import (
     Sizes,
     load_rows,
     log,
+    median,
+    paired,
     pending,
+    ratio_keys,
     relay_process,
     reset_outbox,
     running,
@@ -184,19 +190,30 @@ def naive(env: Env, rows: int) -> dict[str, Any]:
 
 
 def run(env: Env, sizes: Sizes, log_dir: Path) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    results["raw"] = raw(env, sizes.relay_rows)
-    log(f"raw: {results['raw']}")
-    results["relay"] = relay_processes(env, sizes.relay_rows, 1, log_dir, "relay1")
-    results["relay2"] = relay_processes(env, sizes.relay_rows, 2, log_dir, "relay2")
-    results["naive"] = naive(env, sizes.naive_rows)
-    log(f"naive: {results['naive']}")
+    rounds: dict[str, list[dict[str, Any]]] = {"raw": [], "relay": [], "naive": []}
+    for r in range(sizes.relay_rounds):
+        phases = ["raw", "relay", "naive"]
+        for phase in phases[r % 3 :] + phases[: r % 3]:  # each phase leads one round in three
+            if phase == "raw":
+                result = raw(env, sizes.relay_rows)
+            elif phase == "relay":
+                result = relay_processes(env, sizes.relay_rows, 1, log_dir, f"relay1-{r}")
+            else:
+                result = naive(env, sizes.naive_rows)
+            rounds[phase].append(result)
+            log(f"round {r} {phase}: {result}")
+    relay2 = relay_processes(env, sizes.relay_rows, 2, log_dir, "relay2")
     reset_outbox(env)
-    one = results["relay"]["jobs_per_s"]
+    rates = {phase: [float(x["jobs_per_s"]) for x in results] for phase, results in rounds.items()}
+    detail: dict[str, Any] = {
+        phase: {"jobs_per_s": round(median(rates[phase])), "rounds": results}
+        for phase, results in rounds.items()
+    }
+    detail["relay2"] = relay2
     return {
-        "relay_jobs_per_s": one,
-        "relay2_jobs_per_s": results["relay2"]["jobs_per_s"],
-        "relay_vs_raw": round(one / results["raw"]["jobs_per_s"], 3),
-        "relay_vs_naive": round(one / results["naive"]["jobs_per_s"], 2),
-        "detail": results,
+        "relay_jobs_per_s": detail["relay"]["jobs_per_s"],
+        "relay2_jobs_per_s": relay2["jobs_per_s"],
+        **ratio_keys("relay_vs_raw", paired(rates["relay"], rates["raw"])),
+        **ratio_keys("relay_vs_naive", paired(rates["relay"], rates["naive"], digits=2)),
+        "detail": detail,
     }

@@ -2,6 +2,8 @@
 # Throwaway PostgreSQL + Redis for the test suite.
 # Usage: scripts/services.sh install|start|stop
 # The env file ($SERVICES_ENV, default .services.env in the repo root) holds the URLs.
+# RELIABLE_JOB_SERVICES_PG_OPTS (opt-in, unset for the test suite): extra postgres options, e.g.
+# "-c shared_preload_libraries=pg_stat_statements" (scripts/run-bench.sh sets it).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -77,7 +79,7 @@ ENV
     as_pg "$bin/initdb" -D "$dir/pg/data" -U postgres --auth=trust -E UTF8 --no-locale >"$dir/pg/initdb.log" 2>&1 \
         || { cat "$dir/pg/initdb.log" >&2; exit 1; }
     as_pg "$bin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/postgres.log" -w -t 60 -o \
-        "-p $pg_port -k $dir/pg -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+        "-p $pg_port -k $dir/pg -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200${RELIABLE_JOB_SERVICES_PG_OPTS:+ $RELIABLE_JOB_SERVICES_PG_OPTS}" \
         start >/dev/null || { tail -n 50 "$dir/pg/postgres.log" >&2; exit 1; }
     "$bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" -t 30
     "$bin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres "$DB"

@@ -12,6 +12,7 @@ from reliable_job.settings import Settings
 from reliable_job.staging import bind
 
 __version__ = "0.1.0"
+"""The one place the version is written: pyproject.toml reads it (``[tool.hatch.version]``)."""
 
 __all__ = [
     "BrokerUnavailable",
