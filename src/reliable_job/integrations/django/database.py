@@ -212,6 +212,12 @@ class DjangoOutbox:
                 self._stores[alias] = store
             return store
 
+    # STUB (settings-whole): minimal relay_stores() until the sqla-seam branch lands; resolve
+    # any conflict in favour of sqla-seam's version.
+    def relay_stores(self) -> list[Any]:
+        """The stores relays drain: one per alias holding an outbox."""
+        return [self.store(alias) for alias in self.aliases()]
+
     def _each(self, alias: str | None) -> Iterator[Any]:
         for name in [alias] if alias else self.aliases():
             yield self.store(name)

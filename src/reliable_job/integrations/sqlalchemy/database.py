@@ -522,6 +522,12 @@ class SQLAlchemyDatabase:
         with self._completion_lock:
             self._drop_completion_connection()
 
+    # STUB (settings-whole): minimal relay_stores() until the sqla-seam branch lands; resolve
+    # any conflict in favour of sqla-seam's version.
+    def relay_stores(self) -> list[SQLAlchemyDatabase]:
+        """The stores relays drain: this database's own."""
+        return [self]
+
     def bury(self, job_id: str, error: str) -> int:
         t = self.table
         with self._unavailable_as_error(), self.engine.begin() as conn:
