@@ -44,9 +44,10 @@ class Settings:
     )
     """Database binding: a callable returning the caller's current session (a ``scoped_session``,
     Flask-SQLAlchemy's ``db.session``...). When it returns a session inside a transaction, staging
-    joins that transaction. Code only."""
+    joins that transaction. A Python object: never read from the environment."""
     engine: Any = field(default=None, compare=False, metadata={_OBJECT: True, _LOCATES: True})
-    """An existing SQLAlchemy engine for the outbox, instead of ``database_url``. Code only."""
+    """An existing SQLAlchemy engine for the outbox, instead of ``database_url``. A Python object:
+    never read from the environment."""
     table_name: str = DEFAULT_TABLE_NAME
     batch_size: int = 500
     """Rows the relay claims and publishes per transaction."""
