@@ -186,3 +186,30 @@ def test_relay_with_a_bad_broker_url_exits_with_one_line(tmp_path):
     out = cli("relay", "--app", "badbroker:app", env=env)
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("reliable-job: error: bad broker URL")
+
+
+def test_relay_builds_from_the_installed_settings_plus_its_options(tmp_path, monkeypatch):
+    """`relay --app` keeps every setting of the app's installed runtime (keyword arguments,
+    Celery configuration) and applies --batch-size, --table and --database-url over them."""
+    from reliable_job import cli as cli_module
+
+    (tmp_path / "installedapp.py").write_text(
+        "from celery import Celery\n"
+        "from reliable_job.integrations.celery import install\n"
+        "app = Celery('installed', broker='memory://')\n"
+        "app.conf.reliable_job_poll_interval = 0.7\n"
+        f"install(app, database_url='sqlite:///{tmp_path / 'a.db'}', hot_poll=0.05, "
+        "listen_notify=False, backoff_cap=3.0)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    relays = []
+    monkeypatch.setattr(cli_module, "run_until_signalled", relays.append)
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    argv = ["relay", "--app", "installedapp:app", "--batch-size", "7", "--table", "cli_outbox"]
+    assert cli_module.main([*argv, "--database-url", url]) == 0
+    (relay,) = relays
+    assert (relay.batch_size, relay.store.table.name, str(relay.store.engine.url)) == (7, "cli_outbox", url)
+    assert (relay.hot_poll, relay.poll_interval, relay.backoff_cap) == (0.05, 0.7, 3.0)
+    assert not relay.listens
+    relay.store.engine.dispose()
+    sys.modules.pop("installedapp", None)

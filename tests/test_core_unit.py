@@ -35,7 +35,7 @@ def broker() -> InMemoryBroker:
 def test_relay_publishes_in_batches_and_marks_sent(store, broker):
     """Each pass claims at most one batch, publishes it and marks it sent."""
     store.write(jobs(5))
-    relay = Relay(store, broker, batch_size=2)
+    relay = Relay(store, broker, Settings(batch_size=2))
     assert [relay.run_once() for _ in range(4)] == [2, 2, 1, 0]
     assert broker.published == [f"message-job-{i}" for i in range(5)]
     assert {r.state for r in store.rows.values()} == {SENT}
@@ -45,7 +45,7 @@ def test_broker_down_keeps_rows_pending(store, broker):
     """A broker outage publishes nothing and leaves every row pending."""
     store.write(jobs(3))
     broker.down = True
-    relay = Relay(store, broker)
+    relay = Relay(store, broker, Settings())
     with pytest.raises(reliable_job.BrokerUnavailable):
         relay.run_once()
     assert {r.state for r in store.rows.values()} == {PENDING}
@@ -67,7 +67,7 @@ def test_outage_is_logged_once_then_resumed(store, broker, caplog):
         if len(waits) >= 7:
             relay.stop()
 
-    relay = Relay(store, broker, backoff_cap=2.0, wait=wait)
+    relay = Relay(store, broker, Settings(backoff_cap=2.0), wait=wait)
     with caplog.at_level(logging.INFO, logger="reliable_job.relay"):
         relay.run()
     messages = [r.getMessage() for r in caplog.records]
@@ -82,7 +82,7 @@ def test_a_row_that_cannot_be_published_goes_dead_and_the_rest_flow(store, broke
     """A poison row is retried with backoff, then dead, while rows behind it are published."""
     store.write(jobs(3))
     broker.reject = {"message-job-1"}
-    relay = Relay(store, broker, max_publish_attempts=2, backoff_cap=0.01)
+    relay = Relay(store, broker, Settings(max_publish_attempts=2, backoff_cap=0.01))
     relay.run_once()
     assert broker.published == ["message-job-0", "message-job-2"]
     poison = store.rows[2]
@@ -98,7 +98,7 @@ def test_a_row_that_cannot_be_published_goes_dead_and_the_rest_flow(store, broke
 def test_stop_finishes_the_batch_in_flight(store, broker):
     """stop() during a pass lets that pass publish and mark its batch before the loop exits."""
     store.write(jobs(4))
-    relay = Relay(store, broker, batch_size=2)
+    relay = Relay(store, broker, Settings(batch_size=2))
     original = broker.publish
 
     def publish_then_stop(rows):
@@ -121,9 +121,11 @@ def test_concurrent_claims_never_share_a_row(store, broker):
 def test_completion_deletes_or_buries(store):
     """Success deletes the row; final failure deletes it, or keeps it dead when asked to."""
     store.write(jobs(3))
-    Completion(store).succeeded("job-0")
-    Completion(store).failed("job-1", "boom")
-    Completion(store, preserve_dead_jobs=True).failed("job-2", "ValueError: boom")
+    Completion(store, Settings(completion_interval=0)).succeeded("job-0")
+    Completion(store, Settings(completion_interval=0)).failed("job-1", "boom")
+    Completion(store, Settings(completion_interval=0, preserve_dead_jobs=True)).failed(
+        "job-2", "ValueError: boom"
+    )
     assert [(r.job.job_id, r.state, r.last_error) for r in store.rows.values()] == [
         ("job-2", DEAD, "ValueError: boom")
     ]
@@ -136,7 +138,7 @@ def test_completion_never_raises(caplog):
         def complete_many(self, job_ids) -> int:
             raise RuntimeError("database gone")
 
-    Completion(Broken()).succeeded("x")
+    Completion(Broken(), Settings(completion_interval=0)).succeeded("x")
     assert "could not delete" in caplog.text
 
 
@@ -164,15 +166,15 @@ def remaining(store: InMemoryStore) -> list[str]:
 
 
 def test_completion_interval_0_deletes_synchronously():
-    """interval 0 (the default of the class): one delete per finished job, at once, no thread."""
+    """interval 0: one delete per finished job, at once, no thread."""
     store = CountingStore()
     store.write(jobs(2))
-    completion = Completion(store, interval=0)
+    completion = Completion(store, Settings(completion_interval=0))
     completion.succeeded("job-0")
     completion.failed("job-1", "boom")
     assert remaining(store) == []
     assert store.calls == [("complete_many", ["job-0"]), ("complete_many", ["job-1"])]
-    assert completion._thread is None
+    assert completion.flusher is None
 
 
 def test_completion_batches_deletes_per_interval_and_per_batch_size():
@@ -180,7 +182,7 @@ def test_completion_batches_deletes_per_interval_and_per_batch_size():
     close() deletes the rest. Dead jobs are still buried at once."""
     store = CountingStore()
     store.write(jobs(7))
-    completion = Completion(store, interval=60, batch=3, preserve_dead_jobs=True)
+    completion = Completion(store, Settings(completion_interval=60, preserve_dead_jobs=True), batch=3)
     completion.succeeded("job-0")
     completion.succeeded("job-1")
     assert store.calls == [] and len(remaining(store)) == 7, "waiting for the interval"
@@ -194,13 +196,13 @@ def test_completion_batches_deletes_per_interval_and_per_batch_size():
     completion.close()
     assert store.calls[1:] == [("complete_many", ["job-3", "job-4"])]
     assert remaining(store) == ["job-5", "job-6"]
-    assert not completion._thread.is_alive()
+    assert not completion.flusher_running
 
 
 def test_completion_flushes_after_the_interval():
     store = CountingStore()
     store.write(jobs(2))
-    completion = Completion(store, interval=0.01)
+    completion = Completion(store, Settings(completion_interval=0.01))
     completion.succeeded("job-0")
     completion.failed("job-1", "boom")  # dead jobs not preserved: batched like a success
     assert store.flushed.wait(10)
@@ -215,7 +217,7 @@ def test_completion_keeps_failed_ids_for_the_next_flush_and_caps_the_buffer(capl
     store = CountingStore()
     store.write(jobs(6))
     store.fail = True
-    completion = Completion(store, interval=60, batch=2, max_buffered=4)
+    completion = Completion(store, Settings(completion_interval=60), batch=2, max_buffered=4)
     completion.close = lambda timeout=10.0: None  # type: ignore[method-assign]  # no atexit flush
     completion.succeeded("job-0")
     completion.succeeded("job-1")  # full batch -> flush fails
@@ -231,10 +233,8 @@ def test_completion_keeps_failed_ids_for_the_next_flush_and_caps_the_buffer(capl
     for i in (2, 3, 4):
         completion.succeeded(f"job-{i}")
     # Stop the thread without Completion.close (replaced above), then flush by hand.
-    with completion._lock:
-        completion._stopping = True
-        completion._wake.notify_all()
-    completion._thread.join(10)
+    completion.stop_flusher(10)
+    assert not completion.flusher_running
     assert "completion buffer full" in caplog.text
     assert completion.pending() == ["job-1", "job-2", "job-3", "job-4"], "oldest dropped"
     assert completion.flush() == 4
@@ -247,16 +247,16 @@ def test_completion_buffer_belongs_to_the_process_that_filled_it():
     store = CountingStore()
     store.write(jobs(4))
     pid = [100]
-    completion = Completion(store, interval=60, getpid=lambda: pid[0])
+    completion = Completion(store, Settings(completion_interval=60), getpid=lambda: pid[0])
     completion.succeeded("job-0")
     completion.succeeded("job-1")
-    parent_thread = completion._thread
+    parent_thread = completion.flusher
     pid[0] = 200  # the child
     assert completion.pending() == []
     assert completion.flush() == 0 and store.calls == [], "never flushes the parent's ids"
     completion.succeeded("job-2")
     assert completion.pending() == ["job-2"]
-    assert completion._thread is not parent_thread
+    assert completion.flusher is not parent_thread
     completion.close()
     assert store.calls == [("complete_many", ["job-2"])]
     assert remaining(store) == ["job-0", "job-1", "job-3"]
@@ -270,7 +270,7 @@ def test_completion_buffer_after_a_real_fork():
 
     store = CountingStore()
     store.write(jobs(3))
-    completion = Completion(store, interval=60)
+    completion = Completion(store, Settings(completion_interval=60))
     completion.succeeded("job-0")
     child = os.fork()
     if child == 0:
@@ -360,7 +360,7 @@ def test_unfinished_jobs_are_published_again_then_buried(store, broker):
     """A sent job that never completes is requeued after redeliver_after, and dead after N deliveries."""
     clock = [0.0]
     store.write(jobs(1))
-    relay = Relay(store, broker, redeliver_after=10, max_publish_attempts=2, clock=lambda: clock[0])
+    relay = Relay(store, broker, Settings(redeliver_after=10, max_publish_attempts=2), clock=lambda: clock[0])
     relay.run_once()
     row = store.rows[1]
     relay.redeliver_due()
@@ -383,7 +383,7 @@ def test_redelivery_waits_for_the_eta(store, broker):
 
     eta = datetime.now(timezone.utc) + timedelta(hours=1)
     store.write([StagedJob("later", "t", "celery", "m", eta)])
-    relay = Relay(store, broker, redeliver_after=10, clock=lambda: 1e9)
+    relay = Relay(store, broker, Settings(redeliver_after=10), clock=lambda: 1e9)
     relay.run_once()
     store.rows[1].sent_at -= 100
     relay.redeliver_due()
@@ -410,7 +410,7 @@ def test_a_notification_wakes_a_relay_with_a_long_poll_interval(store, broker):
     """Idle with poll_interval=30 s, the relay publishes a job as soon as it is notified; stop()
     ends its wait at once."""
     wakeup = InMemoryWakeup()
-    relay = Relay(store, broker, poll_interval=30, listen=lambda: wakeup)
+    relay = Relay(store, broker, Settings(poll_interval=30), listen=lambda: wakeup)
     thread = start(relay)
     wait_until(lambda: relay.listening)
     store.write(jobs(1))
@@ -436,7 +436,12 @@ def test_without_notifications_a_busy_relay_polls_quickly_then_slowly(store, bro
             relay.stop()
 
     relay = Relay(
-        store, broker, poll_interval=30, hot_poll=0.01, hot_window=1.0, wait=wait, clock=lambda: now[0]
+        store,
+        broker,
+        Settings(poll_interval=30, hot_poll=0.01),
+        hot_window=1.0,
+        wait=wait,
+        clock=lambda: now[0],
     )
     store.write(jobs(1))
     relay.run()
@@ -458,7 +463,7 @@ def test_a_relay_that_cannot_listen_polls_and_says_so(store, broker, caplog):
         attempts.append(wakeup)
         return wakeup
 
-    relay = Relay(store, broker, poll_interval=0.01, listen=listen, listen_retry=0.05)
+    relay = Relay(store, broker, Settings(poll_interval=0.01), listen=listen, listen_retry=0.05)
     with caplog.at_level(logging.WARNING, logger="reliable_job.relay"):
         thread = start(relay)
         store.write(jobs(2))

@@ -17,6 +17,7 @@ from reliable_job.errors import UnknownMessageFormat
 from reliable_job.ports import ClaimedRow, StagedJob
 from reliable_job.relay import UNKNOWN_FORMAT_RETRY, Relay
 from reliable_job.schema import DEAD, PENDING, SENT
+from reliable_job.settings import Settings
 from reliable_job.testing import InMemoryBroker, InMemoryStore
 from tests.conftest import outbox_rows, stage_records
 
@@ -56,7 +57,7 @@ def test_a_row_in_a_newer_format_stays_pending_and_the_rest_flow(caplog):
     store, broker = InMemoryStore(), VersionedBroker()
     messages = ["v2:a", "v99:future-1", "v2:b", "v99:future-2", "v1:c", "v3:other"]
     store.write([StagedJob(f"job-{i}", "t", "celery", m) for i, m in enumerate(messages)])
-    relay = Relay(store, broker, batch_size=10)
+    relay = Relay(store, broker, Settings(batch_size=10))
 
     assert relay.run_once() == 6
     assert relay.run_once() == 0  # deferred rows are not claimed again at once
@@ -81,7 +82,7 @@ def test_a_row_in_a_newer_format_stays_pending_and_the_rest_flow(caplog):
     # after the upgrade (a relay that reads them), the same rows are published
     for row in future:
         row.available_at = 0.0
-    upgraded = Relay(store, InMemoryBroker(), batch_size=10)
+    upgraded = Relay(store, InMemoryBroker(), Settings(batch_size=10))
     assert upgraded.run_once() == 3
     assert all(r.state == SENT for r in store.rows.values())
 

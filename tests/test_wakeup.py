@@ -84,7 +84,7 @@ def test_staging_notifies_only_committed_transactions(pg_app, engine, outbox, da
             record.apply_async(("rolled back",), reliable_job_session=session)
             session.rollback()
         assert list(listener.notifies(timeout=0.5)) == []
-        runtime.database.stager._notify._next = float("-inf")  # a fresh interval
+        runtime.database.stager.notify_throttle.reset()  # a fresh interval
         stage_one(engine, "committed")
         stage_one(engine, "throttled")
         received = list(listener.notifies(timeout=1))

@@ -15,6 +15,7 @@ from typing import Any
 
 from reliable_job.errors import ReliableJobError
 from reliable_job.ports import OutboxStatus
+from reliable_job.relay import Relay, RelayGroup
 from reliable_job.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     if runtime is None:
         runtime = install(app, **overrides)
     elif overrides:
-        runtime = install(app, **{**_settings_dict(runtime.settings), **overrides})
+        runtime = install(app, settings=runtime.settings.replace(**overrides))
     try:
         app.connection_for_write().get_transport_cls()  # validates the broker URL
     except Exception as exc:
@@ -62,7 +63,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_until_signalled(relay: Any) -> None:
+def run_until_signalled(relay: Relay | RelayGroup) -> None:
     """Run ``relay`` until SIGTERM or SIGINT; the batch in flight is finished first."""
 
     def stop(signum: int, _frame: Any) -> None:
@@ -72,12 +73,6 @@ def run_until_signalled(relay: Any) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     relay.run()
-
-
-def _settings_dict(settings: Settings) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
 
 
 def cmd_status(args: argparse.Namespace) -> int:

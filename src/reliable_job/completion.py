@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 
 from reliable_job.ports import OutboxStore
+from reliable_job.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +28,15 @@ RETRY_PAUSE = 0.5
 class Completion:
     """Deletes the row of a job that succeeded; deletes or buries one that failed for good.
 
-    With ``interval > 0`` deletes are batched: the ids wait in a buffer of the current process and
-    a daemon thread deletes them in one statement every ``interval`` seconds, or as soon as
-    ``batch`` ids are waiting. The buffer and the thread belong to the process that made them: a
-    forked child (Celery's prefork pool) starts its own and never flushes its parent's. Burying
-    (``preserve_dead_jobs``) stays synchronous. ``flush()``/``close()`` are called on worker
-    shutdown (and at exit); a process killed outright loses at most its buffered ids, whose rows
-    stay ``sent`` and are published again after ``redeliver_after``.
+    Built from :class:`~reliable_job.settings.Settings`: ``completion_interval`` (the
+    ``interval``) and ``preserve_dead_jobs``. With ``interval > 0`` deletes are batched: the ids
+    wait in a buffer of the current process and a daemon thread deletes them in one statement
+    every ``interval`` seconds, or as soon as ``batch`` ids are waiting. The buffer and the thread
+    belong to the process that made them: a forked child (Celery's prefork pool) starts its own
+    and never flushes its parent's. Burying (``preserve_dead_jobs``) stays synchronous.
+    ``flush()``/``close()`` are called on worker shutdown (and at exit); a process killed outright
+    loses at most its buffered ids, whose rows stay ``sent`` and are published again after
+    ``redeliver_after``.
 
     Errors are logged, never raised: a failed delete must not fail the task.
     """
@@ -41,16 +44,16 @@ class Completion:
     def __init__(
         self,
         store: OutboxStore,
+        settings: Settings,
         *,
-        preserve_dead_jobs: bool = False,
-        interval: float = 0.0,
         batch: int = COMPLETION_BATCH,
         max_buffered: int = MAX_BUFFERED,
         getpid: Callable[[], int] = os.getpid,
     ) -> None:
+        """``batch``, ``max_buffered`` and ``getpid`` are for tests."""
         self.store = store
-        self.preserve_dead_jobs = preserve_dead_jobs
-        self.interval = interval
+        self.preserve_dead_jobs = settings.preserve_dead_jobs
+        self.interval = interval = settings.completion_interval
         self.batch = max(1, batch)
         self.max_buffered = max(self.batch, max_buffered)
         self._getpid = getpid
@@ -158,6 +161,18 @@ class Completion:
                 self._atexit = True
                 atexit.register(self.close)
 
+    @property
+    def flusher(self) -> threading.Thread | None:
+        """This process's flusher thread, once one was started (for diagnostics and tests)."""
+        with self._lock:
+            return self._thread if self._pid == self._getpid() else None
+
+    @property
+    def flusher_running(self) -> bool:
+        """Whether this process has a flusher thread alive."""
+        thread = self.flusher
+        return thread is not None and thread.is_alive()
+
     def pending(self) -> list[str]:
         """The ids waiting in this process's buffer."""
         with self._lock:
@@ -223,8 +238,9 @@ class Completion:
                     return
             self.flush()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop this process's flusher and delete what it still holds (worker shutdown, exit)."""
+    def stop_flusher(self, timeout: float = 10.0) -> None:
+        """Stop this process's flusher, waiting up to ``timeout`` seconds for it, and delete
+        nothing: ids buffered from now on are deleted at once (see :meth:`close`)."""
         with self._lock:
             mine = self._pid == self._getpid()
             thread = self._thread if mine else None
@@ -233,5 +249,8 @@ class Completion:
                 self._wake.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
-        if mine:
-            self.flush()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop this process's flusher and delete what it still holds (worker shutdown, exit)."""
+        self.stop_flusher(timeout)
+        self.flush()  # a no-op in a process that holds no ids of its own

@@ -14,6 +14,10 @@ Between passes: a full batch is followed at once by the next pass. Otherwise the
 wake-up), then ``poll_interval``. With a :class:`~reliable_job.ports.Wakeup` (PostgreSQL
 ``LISTEN``) a notification ends any wait at once; when listening fails the relay logs it, polls,
 and tries to listen again later.
+
+A relay builds itself from :class:`~reliable_job.settings.Settings` (batch size, polls, backoff,
+redelivery, ``listen_notify``); the keyword options are for tests and for the integration that
+supplies the wake-up source. :class:`RelayGroup` runs one relay per outbox database as one.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from reliable_job.backoff import backoff_delay
 from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable, UnknownMessageFormat
 from reliable_job.ports import Broker, Claim, ClaimedRow, OutboxStore, Wakeup
+from reliable_job.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -37,33 +42,29 @@ publish them soon after. The row stays pending; its attempts are not counted."""
 
 
 class Relay:
-    _unknown_formats: frozenset[int] = frozenset()
-    """Format versions this relay met and could not read (each logged once)."""
-
     def __init__(
         self,
         store: OutboxStore,
         broker: Broker,
+        settings: Settings,
         *,
-        batch_size: int = 500,
-        poll_interval: float = 0.2,
-        backoff_cap: float = 30.0,
-        max_publish_attempts: int = 5,
-        redeliver_after: float = 3600.0,
+        listen: Callable[[], Wakeup | None] | None = None,
         wait: Callable[[threading.Event, float], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        listen: Callable[[], Wakeup | None] | None = None,
-        hot_poll: float = 0.005,
         hot_window: float = 1.0,
         listen_retry: float = 30.0,
     ) -> None:
+        """``listen`` is the wake-up source (the store's ``listener``), used unless
+        ``settings.listen_notify`` is off; ``wait``, ``clock``, ``hot_window`` and ``listen_retry``
+        are for tests."""
         self.store = store
         self.broker = broker
-        self.batch_size = batch_size
-        self.poll_interval = poll_interval
-        self.backoff_cap = backoff_cap
-        self.max_publish_attempts = max_publish_attempts
-        self.redeliver_after = redeliver_after
+        self.settings = settings
+        self.batch_size = settings.batch_size
+        self.poll_interval = settings.poll_interval
+        self.backoff_cap = settings.backoff_cap
+        self.max_publish_attempts = settings.max_publish_attempts
+        self.redeliver_after = settings.redeliver_after
         self.stopping = threading.Event()
         self._clock = clock
         self._next_redelivery = clock()
@@ -71,10 +72,10 @@ class Relay:
         self._outage_since: float | None = None
         self._outage_attempts = 0
         self.published = 0
-        self.hot_poll = min(hot_poll, poll_interval)
+        self.hot_poll = min(settings.hot_poll, settings.poll_interval)
         self.hot_window = hot_window
         self._hot_until = float("-inf")
-        self._listen = listen
+        self._listen = listen if settings.listen_notify else None
         self.listen_retry = listen_retry
         self._listen_at = float("-inf")
         self._listen_failed = False
@@ -82,6 +83,8 @@ class Relay:
         self._wakeup_lock = threading.Lock()
         self.wakeups = 0
         """Notifications that woke this relay (for tests and diagnostics)."""
+        self._unknown_formats: set[int] = set()
+        """Format versions this relay met and could not read (each logged once)."""
 
     def run_once(self) -> int:
         """Claim, publish and mark one batch; return how many rows it held."""
@@ -132,7 +135,7 @@ class Relay:
         if error.version in self._unknown_formats:
             logger.debug("job %s left pending: %s", row.job_id, error)
             return
-        self._unknown_formats |= {error.version}
+        self._unknown_formats.add(error.version)
         logger.warning(
             "job %s is stored in message format version %d, newer than this relay reads: "
             "rows in that format stay pending (tried again every %.0fs) until relays that read it "
@@ -174,6 +177,12 @@ class Relay:
     def listening(self) -> bool:
         """Whether the relay is listening for wake-ups right now."""
         return self._wakeup is not None
+
+    @property
+    def listens(self) -> bool:
+        """Whether the relay listens, or will try to, for wake-ups: ``False`` when it only polls
+        (``listen_notify`` off, no wake-up source, or a database without notifications)."""
+        return self._listen is not None
 
     def idle(self, seconds: float) -> None:
         """Wait up to ``seconds`` for the next pass; a notification or :meth:`stop` ends it."""
@@ -271,3 +280,39 @@ class Relay:
             logger.warning("relay resumed after %.1fs", time.monotonic() - self._outage_since)
             self._outage_since = None
             self._outage_attempts = 0
+
+
+class RelayGroup:
+    """Several relays (one per outbox database) run and stopped as one."""
+
+    def __init__(self, relays: Sequence[Relay]) -> None:
+        if not relays:
+            raise ValueError("a relay group needs at least one relay")
+        self.relays = list(relays)
+
+    @property
+    def published(self) -> int:
+        return sum(relay.published for relay in self.relays)
+
+    @property
+    def wakeups(self) -> int:
+        return sum(relay.wakeups for relay in self.relays)
+
+    def run(self) -> None:
+        """Run every relay (the first in this thread) until :meth:`stop`."""
+        threads = [
+            threading.Thread(target=relay.run, name="reliable-job-relay", daemon=True)
+            for relay in self.relays[1:]
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            self.relays[0].run()
+        finally:
+            self.stop()
+            for thread in threads:
+                thread.join(timeout=30)
+
+    def stop(self) -> None:
+        for relay in self.relays:
+            relay.stop()

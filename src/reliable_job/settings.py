@@ -1,6 +1,10 @@
-"""Every setting of reliable-job, in one place, from code and from ``RELIABLE_JOB_*`` variables.
+"""Every setting of reliable-job, in one place, and the layers they are read from.
 
-Values given in code win over the environment, which wins over the defaults.
+:class:`Settings` is the only list of settings: every source (keyword arguments, a job system's
+configuration, ``RELIABLE_JOB_*`` variables, Django's ``RELIABLE_JOB``) is read onto it by
+:meth:`Settings.load`, and the relay, completion and staging build themselves from one
+:class:`Settings` object. Precedence: code, then the job system's configuration, then the
+environment, then the defaults.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ from reliable_job.schema import DEFAULT_TABLE_NAME, validate_table_name
 ENV_PREFIX = "RELIABLE_JOB_"
 DEFAULT_DATABASE_URL = "sqlite:///reliable_job.sqlite3"
 
+_OBJECT = "object"
+"""Field metadata: the value is a Python object (never parsed from text: not read from the
+environment, and an error when a configuration gives it as a string)."""
+_LOCATES = "locates_database"
+"""Field metadata: the setting says where the outbox database is (a database layer with databases
+of its own, like Django's aliases, replaces it)."""
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -26,14 +37,17 @@ class Settings:
     """Stage every task through the outbox unless the task says ``reliable_job=False``."""
     preserve_dead_jobs: bool = False
     """Keep the row of a job that failed for good as ``dead`` (with its error) instead of deleting it."""
-    database_url: str = DEFAULT_DATABASE_URL
+    database_url: str = field(default=DEFAULT_DATABASE_URL, metadata={_LOCATES: True})
     """Database the outbox lives in (used by the relay, completion, and staging outside a session)."""
-    session: Callable[[], Any] | None = field(default=None, compare=False)
+    session: Callable[[], Any] | None = field(
+        default=None, compare=False, metadata={_OBJECT: True, _LOCATES: True}
+    )
     """Database binding: a callable returning the caller's current session (a ``scoped_session``,
     Flask-SQLAlchemy's ``db.session``...). When it returns a session inside a transaction, staging
-    joins that transaction. Code only."""
-    engine: Any = field(default=None, compare=False)
-    """An existing SQLAlchemy engine for the outbox, instead of ``database_url``. Code only."""
+    joins that transaction. A Python object: never read from the environment."""
+    engine: Any = field(default=None, compare=False, metadata={_OBJECT: True, _LOCATES: True})
+    """An existing SQLAlchemy engine for the outbox, instead of ``database_url``. A Python object:
+    never read from the environment."""
     table_name: str = DEFAULT_TABLE_NAME
     batch_size: int = 500
     """Rows the relay claims and publishes per transaction."""
@@ -82,28 +96,69 @@ class Settings:
             raise ConfigurationError("max_publish_attempts must be at least 1")
 
     @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every setting's name."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def database_location_names(cls) -> tuple[str, ...]:
+        """The settings that say where the outbox database is (``database_url``, ``engine``,
+        ``session``): a database layer with databases of its own (Django) replaces them."""
+        return tuple(f.name for f in fields(cls) if f.metadata.get(_LOCATES))
+
+    @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then ``RELIABLE_JOB_<NAME>`` variables, then ``overrides``."""
+        return cls.load(environ, code=overrides)
+
+    @classmethod
+    def load(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        config: Mapping[str, object] | None = None,
+        config_key: Callable[[str], str] = lambda name: name,
+        code: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Defaults, then ``RELIABLE_JOB_<NAME>`` variables, then ``config`` (a job system's
+        configuration, by setting name), then ``code`` (keyword arguments, Django's
+        ``RELIABLE_JOB``). ``None`` in ``code`` means "not given".
+
+        Strings in ``config`` are parsed like environment variables; ``config_key(name)`` is the
+        key the user wrote, for error messages.
+        """
         environ = os.environ if environ is None else environ
+        code = dict(code or {})
+        config = dict(config or {})
         known = {f.name: f for f in fields(cls)}
-        unknown = set(overrides) - set(known)
-        if unknown:
-            raise ConfigurationError(f"unknown reliable-job setting(s): {', '.join(sorted(unknown))}")
+        for source, given in (("", code), (" in the configuration", config)):
+            unknown = set(given) - set(known)
+            if unknown:
+                raise ConfigurationError(
+                    f"unknown reliable-job setting(s){source}: {', '.join(sorted(unknown))}"
+                )
         values: dict[str, Any] = {}
         for name, f in known.items():
             raw = environ.get(ENV_PREFIX + name.upper())
-            if raw is None or name in ("session", "engine"):
+            if raw is None or f.metadata.get(_OBJECT):
                 continue
-            values[name] = _parse(name, f.type, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+            values[name] = _parse(f, raw, ENV_PREFIX + name.upper())
+        for name, value in config.items():
+            if isinstance(value, str):
+                value = _parse(known[name], value, config_key(name))
+            values[name] = value
+        values.update({k: v for k, v in code.items() if v is not None})
         return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _parse(name: str, annotation: Any, raw: str) -> Any:
-    kind = str(annotation)
+def _parse(f: dataclasses.Field[Any], raw: str, where: str) -> Any:
+    """A setting's value from text (an environment variable, a configuration string)."""
+    if f.metadata.get(_OBJECT):
+        raise ConfigurationError(f"{where} cannot be given as text: it is a Python object")
+    kind = str(f.type)
     try:
         if kind == "bool":
             lowered = raw.strip().lower()
@@ -117,5 +172,5 @@ def _parse(name: str, annotation: Any, raw: str) -> Any:
         if kind == "float":
             return float(raw)
     except ValueError:
-        raise ConfigurationError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from None
+        raise ConfigurationError(f"{where}={raw!r} is not a valid {kind}") from None
     return raw

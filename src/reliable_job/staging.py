@@ -69,6 +69,11 @@ class NotifyThrottle:
             self._next = now + self.interval
             return True
 
+    def reset(self) -> None:
+        """Start a fresh interval: the next transaction notifies."""
+        with self._lock:
+            self._next = float("-inf")
+
 
 class Stager:
     """Resolves the transaction for each staged job and writes it there."""
@@ -84,7 +89,11 @@ class Stager:
         self._adapt = adapt
         self._own_transaction = own_transaction
         self._session_provider = settings.session
-        self._notify = NotifyThrottle(settings.notify_interval, clock) if settings.listen_notify else None
+        self.notify_throttle = (
+            NotifyThrottle(settings.notify_interval, clock) if settings.listen_notify else None
+        )
+        """The NOTIFY throttle of this process (``notify_interval``), ``None`` when wake-ups are off
+        (``listen_notify``)."""
 
     def notify_due(self) -> bool:
         """Whether a writer should wake the relays in the transaction it writes to.
@@ -95,7 +104,7 @@ class Stager:
         ``False`` when wake-ups are off (``listen_notify``) or were sent less than
         ``notify_interval`` ago.
         """
-        return self._notify is not None and self._notify.due()
+        return self.notify_throttle is not None and self.notify_throttle.due()
 
     def writer(self, target: Any = None) -> OutboxWriter:
         explicit = target if target is not None else _bound.get()

@@ -41,9 +41,10 @@ def alias_task(request, runtime):
 def test_the_celery_app_of_the_django_layout_is_installed(runtime):
     """INSTALLED_APPS is enough: proj.celery's app (Celery's Django layout) got the Django runtime,
     with the RELIABLE_JOB settings."""
-    from reliable_job.integrations.django.runtime import DjangoReliableCelery
+    from reliable_job.integrations.celery import CeleryIntegration
+    from reliable_job.integrations.django.database import DjangoOutbox
 
-    assert isinstance(runtime, DjangoReliableCelery)
+    assert isinstance(runtime, CeleryIntegration) and isinstance(runtime.database, DjangoOutbox)
     assert runtime.settings.poll_interval == 0.05
     assert sorted(runtime.database.aliases()) == ["default", "other", "sqlite"]
 
@@ -226,15 +227,15 @@ def test_staging_on_postgresql_wakes_the_relays_at_commit(runtime):
     channel = notify_channel(runtime.settings.table_name)
     with psycopg.connect(url, autocommit=True) as listener:
         listener.execute(f'LISTEN "{channel}"')
-        runtime.database.stager._notify._next = float("-inf")  # a fresh throttle interval
+        runtime.database.stager.notify_throttle.reset()  # a fresh throttle interval
         with pytest.raises(RuntimeError), transaction.atomic():
             record.delay("rolled back")
             raise RuntimeError("boom")
         assert list(listener.notifies(timeout=0.5)) == []
-        runtime.database.stager._notify._next = float("-inf")
+        runtime.database.stager.notify_throttle.reset()
         with transaction.atomic():
             record.delay("committed")
             assert list(listener.notifies(timeout=0.3)) == []  # not before the commit
         assert [n.channel for n in listener.notifies(timeout=2, stop_after=1)] == [channel]
     relay = runtime.relay(runtime.database.store("default"))
-    assert relay._listen is not None  # LISTEN on the alias's own store, not on the DjangoOutbox
+    assert relay.listens  # LISTEN on the alias's own store, not on the DjangoOutbox

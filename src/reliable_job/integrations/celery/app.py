@@ -4,6 +4,12 @@
 go through). For a reliable task it runs Celery's own message preparation with a producer that
 captures instead of sending, then writes the finished message to the outbox in the caller's
 transaction. The caller gets the usual ``AsyncResult`` with the real task id.
+
+:class:`CeleryIntegration` is what ``install`` leaves on ``app.reliable_job``: one
+:class:`~reliable_job.settings.Settings` (read by
+:func:`~reliable_job.integrations.celery.config.load_settings`) and one
+:class:`~reliable_job.ports.OutboxDatabase`, from which staging, completion and the relays are
+built.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from kombu.exceptions import EncodeError
 from kombu.utils.uuid import uuid
 
 from reliable_job.completion import Completion
-from reliable_job.errors import NotSerializableError, StagingError
+from reliable_job.errors import ConfigurationError, NotSerializableError, StagingError
 from reliable_job.integrations.celery.capture import CapturingProducer
-from reliable_job.ports import StagedJob
-from reliable_job.relay import Relay
+from reliable_job.integrations.celery.config import load_settings
+from reliable_job.ports import OutboxDatabase, OutboxStore, StagedJob
+from reliable_job.relay import Relay, RelayGroup
 from reliable_job.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -29,22 +36,23 @@ SESSION_OPTION = "reliable_job_session"
 """``apply_async`` option: stage this one call in the given session's or connection's transaction."""
 
 
-class ReliableCelery:
-    """reliable-job installed on one Celery app: staging, completion and relays."""
+class CeleryIntegration:
+    """reliable-job installed on one Celery app: staging, completion, relays.
 
-    def __init__(self, app: Any, settings: Settings, database: Any = None) -> None:
+    ``database`` is the outbox (by default a SQLAlchemy database built from ``settings``; the
+    Django integration passes its own, one store per database alias).
+    """
+
+    def __init__(self, app: Any, settings: Settings, database: OutboxDatabase | None = None) -> None:
         self.app = app
         self.settings = settings
         if database is None:
             from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase
 
+            # cast: until SQLAlchemyDatabase.claim is typed as the port's (sqla-seam)
             database = SQLAlchemyDatabase(settings)
-        self.database = database
-        self.completion = Completion(
-            database,
-            preserve_dead_jobs=settings.preserve_dead_jobs,
-            interval=settings.completion_interval,
-        )
+        self.database: OutboxDatabase = database
+        self.completion = Completion(database, settings)
         self._capture_connection: Any = None
         self._send_task: Callable[..., Any] | None = None
 
@@ -101,23 +109,15 @@ class ReliableCelery:
 
     # -- relay ---------------------------------------------------------------------------------
 
-    def relay(self, store: Any = None) -> Relay:
-        """A relay of this app's outbox (or of ``store``), publishing through the app's broker."""
+    def relay(self, store: OutboxStore | None = None) -> Relay | RelayGroup:
+        """The relays of this app's outbox: one per store of ``database.relay_stores()`` (or one
+        of ``store``), each listening through its store's ``listener``, publishing through the
+        app's broker; several run as one :class:`~reliable_job.relay.RelayGroup`."""
         from reliable_job.integrations.celery.broker import KombuBroker
 
-        s = self.settings
-        store = self.database if store is None else store
-        return Relay(
-            store,
-            KombuBroker(self.app),
-            batch_size=s.batch_size,
-            poll_interval=s.poll_interval,
-            backoff_cap=s.backoff_cap,
-            max_publish_attempts=s.max_publish_attempts,
-            redeliver_after=s.redeliver_after,
-            listen=getattr(store, "listener", None),
-            hot_poll=s.hot_poll,
-        )
+        stores = [store] if store is not None else list(self.database.relay_stores())
+        relays = [Relay(each, KombuBroker(self.app), self.settings, listen=each.listener) for each in stores]
+        return relays[0] if len(relays) == 1 else RelayGroup(relays)
 
 
 def _skip_result_subscription(backend: Any) -> None:
@@ -143,21 +143,29 @@ def _skip_result_subscription(backend: Any) -> None:
 def install(
     app: Any,
     *,
-    database: Any = None,
-    runtime_class: type[ReliableCelery] | None = None,
-    **settings: Any,
-) -> ReliableCelery:
-    """Install reliable-job on a Celery app; settings as keyword arguments or ``RELIABLE_JOB_*``.
+    database: OutboxDatabase | None = None,
+    settings: Settings | None = None,
+    **values: Any,
+) -> CeleryIntegration:
+    """Install reliable-job on a Celery app.
 
-    Stages reliable tasks, deletes their rows when they complete (in ``celery worker``), and starts
-    a relay thread in every worker unless ``relay_in_worker=False``. ``database`` and
-    ``runtime_class`` let another database layer (the Django integration) plug in.
+    Settings, by precedence: keyword arguments, the app's configuration
+    (``app.conf.reliable_job_<name>``, see :mod:`reliable_job.integrations.celery.config`),
+    ``RELIABLE_JOB_<NAME>`` variables, the defaults; or one complete ``settings`` object (then no
+    keyword settings). Stages reliable tasks, deletes their rows when they complete (in
+    ``celery worker``), and starts a relay thread in every worker unless
+    ``relay_in_worker=False``. ``database`` lets another database layer (the Django integration)
+    plug in.
     """
     from reliable_job.integrations.celery.worker import connect_worker
 
+    if settings is None:
+        settings = load_settings(app, values)
+    elif values:
+        raise ConfigurationError("install(): pass settings=... or keyword settings, not both")
     existing = getattr(app, "reliable_job", None)
     original = existing._send_task if existing is not None else app.send_task
-    runtime = (runtime_class or ReliableCelery)(app, Settings.from_env(**settings), database)
+    runtime = CeleryIntegration(app, settings, database)
     runtime._send_task = original
 
     @functools.wraps(original)
@@ -170,9 +178,9 @@ def install(
     return runtime
 
 
-def runtime_of(app: Any) -> ReliableCelery:
+def runtime_of(app: Any) -> CeleryIntegration:
     runtime = getattr(app, "reliable_job", None)
-    if not isinstance(runtime, ReliableCelery):
+    if not isinstance(runtime, CeleryIntegration):
         raise StagingError(
             "reliable-job is not installed on this Celery app: call "
             "reliable_job.integrations.celery.install(app)"

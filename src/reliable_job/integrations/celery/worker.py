@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps, signals
+
+if TYPE_CHECKING:
+    from reliable_job.integrations.celery.app import CeleryIntegration
+    from reliable_job.relay import Relay, RelayGroup
 
 logger = logging.getLogger(__name__)
 
@@ -19,10 +23,10 @@ class RelayStep(bootsteps.StartStopStep):  # type: ignore[misc]
     label = "reliable-job relay"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        runtime = getattr(worker.app, "reliable_job", None)
+        runtime: CeleryIntegration | None = getattr(worker.app, "reliable_job", None)
         self.enabled = bool(runtime is not None and runtime.settings.relay_in_worker)
         self.runtime = runtime
-        self.relay: Any = None
+        self.relay: Relay | RelayGroup | None = None
         self.thread: threading.Thread | None = None
 
     def start(self, worker: Any) -> None:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,9 +12,8 @@ from reliable_job.settings import Settings
 DEFAULT_ALIAS = "default"
 
 DJANGO_KEYS = ("database", "databases")
-"""Keys of ``RELIABLE_JOB`` that are the Django integration's own."""
-NOT_IN_DJANGO = ("database_url", "engine", "session")
-"""Core settings that Django replaces with its database aliases."""
+"""Keys of ``RELIABLE_JOB`` that are the Django integration's own (the fields of
+:class:`DjangoOptions`)."""
 
 
 @dataclass(frozen=True)
@@ -37,25 +35,46 @@ def raw_settings() -> Mapping[str, Any]:
     return value
 
 
-def read(raw: Mapping[str, Any] | None = None) -> tuple[Settings, DjangoOptions]:
-    """The core settings (``RELIABLE_JOB`` wins over ``RELIABLE_JOB_*`` variables, which win over
-    the defaults) and the Django options."""
+def read(raw: Mapping[str, Any] | None = None, *, app: Any = None) -> tuple[Settings, DjangoOptions]:
+    """The core settings and the Django options.
+
+    Precedence: ``RELIABLE_JOB``, then the Celery configuration of ``app`` when given
+    (``CELERY_RELIABLE_JOB_<NAME>`` with Celery's Django layout), then ``RELIABLE_JOB_<NAME>``
+    variables, then the defaults. The settings that say where the outbox is (``database_url``,
+    ``engine``, ``session``) cannot be set in ``RELIABLE_JOB`` or in the Celery configuration:
+    the outbox is in the alias ``database`` names.
+    """
     raw = dict(raw_settings() if raw is None else raw)
-    core_names = {f.name for f in dataclasses.fields(Settings)}
-    misplaced = sorted(set(raw) & set(NOT_IN_DJANGO))
-    if misplaced:
-        raise ConfigurationError(
-            f"RELIABLE_JOB: {', '.join(misplaced)} cannot be set with Django: the outbox lives in "
-            "the database alias named by 'database' (a DATABASES entry)"
-        )
-    unknown = sorted(set(raw) - core_names - set(DJANGO_KEYS))
+    _refuse_database_location("RELIABLE_JOB", raw)
+    unknown = sorted(set(raw) - set(Settings.names()) - set(DJANGO_KEYS))
     if unknown:
         raise ConfigurationError(f"RELIABLE_JOB: unknown setting(s): {', '.join(unknown)}")
     database = raw.pop("database", DEFAULT_ALIAS)
     databases = raw.pop("databases", ())
     if not isinstance(database, str) or not all(isinstance(a, str) for a in databases):
         raise ConfigurationError("RELIABLE_JOB: 'database' and 'databases' are DATABASES aliases")
-    return Settings.from_env(**raw), DjangoOptions(database, tuple(databases))
+    if app is None:
+        settings = Settings.from_env(**raw)
+    else:
+        from reliable_job.integrations.celery.config import conf_key, load_settings, read_conf
+
+        _refuse_database_location(
+            "the Celery configuration", read_conf(app), lambda name: conf_key(app, name)
+        )
+        settings = load_settings(app, raw)
+    return settings, DjangoOptions(database, tuple(databases))
+
+
+def _refuse_database_location(
+    where: str, names: Iterable[str], key: Callable[[str], str] = lambda name: name
+) -> None:
+    locating = set(Settings.database_location_names())
+    misplaced = sorted(key(name) for name in names if name in locating)
+    if misplaced:
+        raise ConfigurationError(
+            f"{where}: {', '.join(misplaced)} cannot be set with Django: the outbox lives in "
+            "the database alias named by RELIABLE_JOB['database'] (a DATABASES entry)"
+        )
 
 
 def table_name() -> str:

@@ -8,10 +8,9 @@ starts (:meth:`ReliableJobConfig.ready`): nothing to add to ``proj/celery.py``.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
-from reliable_job.integrations.celery.app import ReliableCelery
+from reliable_job.integrations.celery.app import CeleryIntegration
 from reliable_job.integrations.celery.app import install as celery_install
 from reliable_job.integrations.django import conf
 from reliable_job.integrations.django.database import DjangoOutbox
@@ -19,75 +18,27 @@ from reliable_job.integrations.django.database import DjangoOutbox
 logger = logging.getLogger(__name__)
 
 
-class DjangoReliableCelery(ReliableCelery):
-    """The Celery runtime on a :class:`DjangoOutbox`: one relay per database alias with an outbox."""
-
-    database: DjangoOutbox
-
-    def relay(self, store: Any = None) -> Any:
-        if store is not None:
-            return super().relay(store)
-        relays = [
-            super(DjangoReliableCelery, self).relay(self.database.store(alias))
-            for alias in self.database.aliases()
-        ]
-        return relays[0] if len(relays) == 1 else MultiRelay(relays)
+def runtime_on(app: Any) -> CeleryIntegration | None:
+    """``app``'s reliable-job runtime when it is the Django one (its outbox a :class:`DjangoOutbox`)."""
+    runtime = getattr(app, "reliable_job", None)
+    if isinstance(runtime, CeleryIntegration) and isinstance(runtime.database, DjangoOutbox):
+        return runtime
+    return None
 
 
-class MultiRelay:
-    """Several relays (one per database) run and stopped as one."""
+def install(app: Any) -> CeleryIntegration:
+    """Install reliable-job on ``app`` with the ``RELIABLE_JOB`` Django settings (once).
 
-    def __init__(self, relays: list[Any]) -> None:
-        self.relays = relays
-
-    @property
-    def published(self) -> int:
-        return sum(relay.published for relay in self.relays)
-
-    def run(self) -> None:
-        threads = [
-            threading.Thread(target=relay.run, name="reliable-job-relay", daemon=True)
-            for relay in self.relays[1:]
-        ]
-        for thread in threads:
-            thread.start()
-        try:
-            self.relays[0].run()
-        finally:
-            self.stop()
-            for thread in threads:
-                thread.join(timeout=30)
-
-    def stop(self) -> None:
-        for relay in self.relays:
-            relay.stop()
-
-
-def install(app: Any) -> DjangoReliableCelery:
-    """Install reliable-job on ``app`` with the ``RELIABLE_JOB`` Django settings (once)."""
-    existing = getattr(app, "reliable_job", None)
-    if isinstance(existing, DjangoReliableCelery):
+    Settings: ``RELIABLE_JOB``, then the app's Celery configuration
+    (``CELERY_RELIABLE_JOB_<NAME>`` with Celery's Django layout), then ``RELIABLE_JOB_<NAME>``
+    variables, then the defaults. The runtime relays every alias of the :class:`DjangoOutbox`.
+    """
+    existing = runtime_on(app)
+    if existing is not None:
         return existing
-    settings, options = conf.read()
+    settings, options = conf.read(app=app)
     outbox = DjangoOutbox(app, settings, options)
-    values = {
-        name: getattr(settings, name)
-        for name in (
-            "enable_for_all_jobs",
-            "preserve_dead_jobs",
-            "table_name",
-            "batch_size",
-            "poll_interval",
-            "relay_in_worker",
-            "backoff_cap",
-            "max_publish_attempts",
-            "redeliver_after",
-            "completion_interval",
-        )
-    }
-    runtime = celery_install(app, database=outbox, runtime_class=DjangoReliableCelery, **values)
-    assert isinstance(runtime, DjangoReliableCelery)
-    return runtime
+    return celery_install(app, database=outbox, settings=settings)
 
 
 def _is_django_app(app: Any) -> bool:

@@ -17,13 +17,13 @@ def runtime_for(spec: str | None) -> Any:
     Celery app (the one the standard layout imports in ``proj/__init__.py``)."""
     from celery import _state
 
-    from reliable_job.integrations.django.runtime import DjangoReliableCelery, install
+    from reliable_job.integrations.django.runtime import install, runtime_on
 
     if spec:
         return install(cli._load_app(spec))
     for app in list(_state._get_active_apps()):
-        runtime = getattr(app, "reliable_job", None)
-        if isinstance(runtime, DjangoReliableCelery):
+        runtime = runtime_on(app)
+        if runtime is not None:
             return runtime
     raise CommandError(
         "no Celery app with reliable-job found: import it in your project's __init__.py "
