@@ -33,7 +33,6 @@ from sqlalchemy.orm import Session
 from bench.app import COUNTER, QUEUE, plain_noop, reliable_noop, runtime
 from bench.common import (
     TABLE,
-    Child,
     Env,
     Sizes,
     load_rows,
@@ -47,6 +46,7 @@ from bench.common import (
     with_application_name,
 )
 from bench.enqueue import orders
+from reliable_job.processes import Process
 
 
 def _enqueue_plain(n: int) -> None:
@@ -81,17 +81,22 @@ def _round(env: Env, variant: str, n: int) -> tuple[float, float]:
     (_enqueue_reliable if variant == "reliable" else _enqueue_plain)(n)
     enqueued = time.perf_counter() - start
     wait_for(
-        lambda: int(client.get(COUNTER) or 0) >= n, timeout=n / 20 + 120, what=f"{n} {variant} tasks to run"
+        lambda: int(client.get(COUNTER) or 0) >= n,
+        timeout=n / 20 + 120,
+        interval=0.01,
+        message=f"{n} {variant} tasks to run",
     )
     seconds = time.perf_counter() - start
     # not timed: every row completed (deleted) before the next round
-    wait_for(lambda: _outbox_rows(env) == 0, timeout=120, what="completion to empty the outbox")
+    wait_for(
+        lambda: _outbox_rows(env) == 0, timeout=120, interval=0.01, message="completion to empty the outbox"
+    )
     assert int(client.llen(QUEUE)) == 0
     client.close()
     return n / seconds, enqueued
 
 
-def _worker(env: Env, sizes: Sizes, log_dir: Path, name: str) -> Child:
+def _worker(env: Env, sizes: Sizes, log_dir: Path, name: str) -> Process:
     argv = [
         sys.executable,
         "-m",
@@ -143,10 +148,15 @@ def _drain_round(env: Env, sizes: Sizes, log_dir: Path, variant: str, n: int, na
             if done >= n:
                 break
             if not worker.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"{done} of {n} {variant} tasks ran:\n{worker.text()[-3000:]}")
+                raise RuntimeError(f"{done} of {n} {variant} tasks ran:\n{worker.log()[-3000:]}")
             time.sleep(0.005)
         assert first is not None
-        wait_for(lambda: _outbox_rows(env) == 0, timeout=120, what="completion to empty the outbox")
+        wait_for(
+            lambda: _outbox_rows(env) == 0,
+            timeout=120,
+            interval=0.01,
+            message="completion to empty the outbox",
+        )
     client.close()
     return (n - first[1]) / max(now - first[0], 1e-6)
 
