@@ -162,16 +162,17 @@ def _run(env: Env, sizes: Sizes, log_dir: Path, large: Any) -> dict[str, Any]:
             while janitor.removed < target:
                 if not relay.alive() or time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"relay drained only {janitor.removed} of {target} rows:\n{relay.text()[-3000:]}"
+                        f"relay drained only {janitor.removed} of {target} rows:\n{relay.log()[-3000:]}"
                     )
                 time.sleep(0.1)
             seconds = time.perf_counter() - start
-            status, rss_mb = relay.stop_with_rusage()
+            status = relay.stop(timeout=60)  # reaped with its rusage: peak_rss_mib
+            rss_mb = relay.peak_rss_mib
     finally:
         relay.stop()
         reset_outbox(env)
     if status != 0:
-        raise RuntimeError(f"relay exited with {status}:\n{relay.text()[-3000:]}")
+        raise RuntimeError(f"relay exited with {status}:\n{relay.log()[-3000:]}")
     return {
         **ratio_keys("claim_scale_ratio", claims["ratio"]),
         "relay_rss_mb": round(rss_mb, 1),

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +15,8 @@ from typing import Any
 import psycopg
 import redis
 
+from reliable_job.processes import Process
+from reliable_job.processes import wait_for as wait_for  # re-exported: the harness's modules use it
 from reliable_job.schema import validate_table_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,14 +185,6 @@ def percentile(values: Sequence[float], p: float) -> float:
     return float(ordered[rank - 1])
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 # -- the outbox table -------------------------------------------------------------------------------
 
 
@@ -253,49 +245,9 @@ def pending(env: Env) -> int:
 # -- subprocesses ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def stop_with_rusage(self, timeout: float = 60) -> tuple[int, float]:
-        """SIGTERM, reap with ``os.wait4``; returns (exit status, peak RSS in MiB)."""
-        self.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                self.process.kill()
-            time.sleep(0.02)
-        self.process.returncode = os.waitstatus_to_exitcode(status)
-        return self.process.returncode, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
-
-
-def spawn(env: Env, name: str, argv: list[str], log_dir: Path, **extra: str) -> Child:
-    log = log_dir / f"{name}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            argv, env=env.subprocess_env(**extra), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
-        )
-    return Child(name, proc, log)
+def spawn(env: Env, name: str, argv: list[str], log_dir: Path, **extra: str) -> Process:
+    """``argv`` with the harness's environment, its output in ``log_dir/<name>.log``."""
+    return Process(argv, log_dir / f"{name}.log", env=env.subprocess_env(**extra), cwd=ROOT, name=name)
 
 
 def with_application_name(url: str, name: str) -> str:
@@ -303,7 +255,7 @@ def with_application_name(url: str, name: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}application_name={name}"
 
 
-def relay_process(env: Env, name: str, log_dir: Path, **extra: str) -> Child:
+def relay_process(env: Env, name: str, log_dir: Path, **extra: str) -> Process:
     """A production relay: ``reliable-job relay --app bench.app:app`` with the default settings."""
     argv = [str(Path(sys.executable).with_name("reliable-job")), "relay", "--app", "bench.app:app"]
     if not Path(argv[0]).exists():
@@ -323,7 +275,7 @@ def has_connected(env: Env, name: str) -> bool:
     return bool(row and row[0])
 
 
-def wait_connected(env: Env, children: Sequence[Child]) -> None:
+def wait_connected(env: Env, children: Sequence[Process]) -> None:
     """Until every relay (or worker) process has a session on the database: its relay is running.
 
     Named by ``application_name`` (see :func:`with_application_name`), not by the text of its last
@@ -332,19 +284,20 @@ def wait_connected(env: Env, children: Sequence[Child]) -> None:
     def ready() -> bool:
         for child in children:
             if not child.alive():
-                raise RuntimeError(f"{child.name} exited:\n{child.text()[-3000:]}")
+                raise RuntimeError(f"{child.name} exited:\n{child.log()[-3000:]}")
         return all(has_connected(env, child.name) for child in children)
 
-    wait_for(ready, timeout=90, what="relays to connect to the database", interval=0.05)
+    wait_for(ready, timeout=90, interval=0.05, message="relays to connect to the database")
 
 
 @contextmanager
-def running(children: Sequence[Child]) -> Iterator[None]:
+def running(children: Sequence[Process]) -> Iterator[None]:
+    """Stop (SIGTERM, SIGKILL after 60 s) every child on the way out."""
     try:
         yield
     finally:
         for child in children:
-            child.stop()
+            child.stop(timeout=60)
 
 
 def as_dict(sizes: Sizes) -> dict[str, Any]:

@@ -38,7 +38,6 @@ from bench.app import COUNTER, QUEUE, plain_noop, reliable_noop, runtime
 from bench.common import (
     MONITOR,
     TABLE,
-    Child,
     Env,
     Sizes,
     load_rows,
@@ -55,6 +54,7 @@ from bench.common import (
 )
 from bench.dbcost import Cost, DbMeter, summary
 from bench.enqueue import orders
+from reliable_job.processes import Process
 
 
 def _enqueue_plain(n: int) -> None:
@@ -89,17 +89,22 @@ def _round(env: Env, variant: str, n: int) -> tuple[float, float]:
     (_enqueue_reliable if variant == "reliable" else _enqueue_plain)(n)
     enqueued = time.perf_counter() - start
     wait_for(
-        lambda: int(client.get(COUNTER) or 0) >= n, timeout=n / 20 + 120, what=f"{n} {variant} tasks to run"
+        lambda: int(client.get(COUNTER) or 0) >= n,
+        timeout=n / 20 + 120,
+        interval=0.01,
+        message=f"{n} {variant} tasks to run",
     )
     seconds = time.perf_counter() - start
     # not timed: every row completed (deleted) before the next round
-    wait_for(lambda: _outbox_rows(env) == 0, timeout=120, what="completion to empty the outbox")
+    wait_for(
+        lambda: _outbox_rows(env) == 0, timeout=120, interval=0.01, message="completion to empty the outbox"
+    )
     assert int(client.llen(QUEUE)) == 0
     client.close()
     return n / seconds, enqueued
 
 
-def _worker(env: Env, sizes: Sizes, log_dir: Path, name: str) -> Child:
+def _worker(env: Env, sizes: Sizes, log_dir: Path, name: str) -> Process:
     argv = [
         sys.executable,
         "-m",
@@ -155,10 +160,15 @@ def _drain_round(
             if done >= n:
                 break
             if not worker.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"{done} of {n} {variant} tasks ran:\n{worker.text()[-3000:]}")
+                raise RuntimeError(f"{done} of {n} {variant} tasks ran:\n{worker.log()[-3000:]}")
             time.sleep(0.005)
         assert first is not None
-        wait_for(lambda: _outbox_rows(env) == 0, timeout=120, what="completion to empty the outbox")
+        wait_for(
+            lambda: _outbox_rows(env) == 0,
+            timeout=120,
+            interval=0.01,
+            message="completion to empty the outbox",
+        )
         cost = meter.cost(before, meter.snapshot(), top=8)
     client.close()
     return (n - first[1]) / max(now - first[0], 1e-6), cost

@@ -103,7 +103,7 @@ def relay_processes(env: Env, rows: int, count: int, log_dir: Path, label: str) 
         loader.close()
         rate = watch.wait(timeout=rows / 200 + 120)
         log(f"{label}: {rows} messages in Redis, {rate:.0f} jobs/s")
-        wait_for(lambda: pending(env) == 0, timeout=60, what="the outbox to drain")
+        wait_for(lambda: pending(env) == 0, timeout=60, interval=0.01, message="the outbox to drain")
     return {"rows": rows, "processes": count, "jobs_per_s": round(rate)}
 
 

@@ -10,12 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +21,9 @@ import redis as redis_lib
 from sqlalchemy import Engine, MetaData, Table, func, select, text
 
 from reliable_job.integrations.sqlalchemy import create_outbox_engine, outbox_table
+from reliable_job.processes import Process
+from reliable_job.processes import free_port as free_port  # re-exported for the tests
+from reliable_job.processes import wait_for as wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE = os.environ.get("RELIABLE_JOB_TEST_REQUIRE_SERVICES") == "1"
@@ -39,23 +39,78 @@ def need(variable: str) -> str:
     return value
 
 
-def wait_for(
-    predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, message: str = "condition"
-) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+# -- markers: what a test needs, from the fixtures it uses ----------------------------------------
+#
+# Applied here, not by hand, so that no test can forget them; read from fixtures (and fixture
+# parameters), never from file paths, so moving files between directories changes nothing.
+# ``postgres`` and ``redis`` say which servers a test needs. Every test also gets exactly one tier:
+# ``e2e`` (real celery worker / relay processes), else ``integration`` (a real database or Redis),
+# else ``unit``. ``pytest -m "not e2e"`` is the quick loop, ``-m unit`` needs no services at all.
+
+MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
+    "services": ("e2e", "redis"),
+    "postgres_url": ("postgres",),
+    "redis_url": ("redis",),
+    "redis_server": ("redis",),
+}
+MARKERS_BY_PARAM: dict[tuple[str, object], tuple[str, ...]] = {
+    ("database_url", "postgresql"): ("postgres",),
+    ("store", "postgresql"): ("postgres",),  # test_store_contract's backends
+}
+REAL_DATABASE_FIXTURES = frozenset({"database_url", "engine"})
+"""A real database, if only a SQLite file: an ``integration`` test even without any server."""
+REAL_DATABASE_PARAMS = frozenset({("store", "sqlite")})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def mark_by_fixtures(
+    item: pytest.Item,
+    by_fixture: Mapping[str, tuple[str, ...]],
+    by_param: Mapping[tuple[str, object], tuple[str, ...]] | None = None,
+) -> None:
+    """Add the markers the tables give each fixture (or fixture parameter) ``item`` uses."""
+    wanted = [m for name in _fixtures(item) for m in by_fixture.get(name, ())]
+    wanted += [m for key in _params(item) for m in (by_param or {}).get(key, ())]
+    for marker in dict.fromkeys(wanted):
+        if item.get_closest_marker(marker) is None:
+            item.add_marker(marker)
+
+
+def _fixtures(item: pytest.Item) -> set[str]:
+    return set(getattr(item, "fixturenames", ()))
+
+
+def _params(item: pytest.Item) -> set[tuple[str, object]]:
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return set()
+    return {(name, value) for name, value in callspec.params.items() if isinstance(value, (str, int))}
+
+
+def _tier(item: pytest.Item) -> str:
+    if item.get_closest_marker("e2e"):
+        return "e2e"
+    if (
+        item.get_closest_marker("postgres")
+        or item.get_closest_marker("redis")
+        or _fixtures(item) & REAL_DATABASE_FIXTURES
+        or _params(item) & REAL_DATABASE_PARAMS
+    ):
+        return "integration"
+    return "unit"
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # Per item, as it is collected (tests/django/conftest.py adds its own the same way): every
+    # marker is in place before pytest_collection_modifyitems, whatever the order of conftests.
+    mark_by_fixtures(item, MARKERS_BY_FIXTURE, MARKERS_BY_PARAM)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = _tier(item)
+        if item.get_closest_marker(tier) is None:
+            item.add_marker(tier)
 
 
 # -- databases ---------------------------------------------------------------------------------
@@ -123,38 +178,25 @@ class RedisServer:
     binary: str
     directory: Path
     port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
+    process: Process | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", str(self.directory)]
+        self.process = Process(argv, self.directory / f"redis-{self.port}.log", name="redis-server")
         client = redis_lib.Redis(port=self.port)
-        wait_for(lambda: _ping(client), timeout=10, message="redis to start")
-        client.close()
+        try:
+            self.process.wait_until(lambda: _ping(client), timeout=10, message="redis to start")
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.kill()
-            self.process.wait()
             self.process = None
 
     def client(self) -> redis_lib.Redis:
@@ -193,7 +235,7 @@ class Services:
     engine: Engine
     log_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    processes: list[Process] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -210,19 +252,16 @@ class Services:
         env.update(extra)
         return env
 
-    def _spawn(self, name: str, argv: list[str], **extra: str) -> subprocess.Popen[bytes]:
+    def _start(self, name: str, argv: list[str], **extra: str) -> Process:
         path = self.log_dir / f"{name}-{len(self.processes)}.log"
-        with open(path, "wb") as log:
-            proc = subprocess.Popen(
-                argv, env=self.env(**extra), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
-            )
-        proc.log_path = str(path)  # type: ignore[attr-defined]
+        proc = Process(argv, path, env=self.env(**extra), cwd=ROOT, name=name)
         self.processes.append(proc)
         return proc
 
     def worker(
         self, *, relay: bool = True, concurrency: int = 2, pool: str | None = None, **extra: str
-    ) -> subprocess.Popen[bytes]:
+    ) -> Process:
+        """A ``celery worker`` (with its relay thread unless ``relay=False``), once it is ready."""
         argv = [
             sys.executable,
             "-m",
@@ -240,29 +279,21 @@ class Services:
         ]
         if pool is not None:
             argv.append(f"--pool={pool}")
-        proc = self._spawn("worker", argv, RELIABLE_JOB_RELAY_IN_WORKER="1" if relay else "0", **extra)
-        wait_for(
-            lambda: (
-                b"ready." in Path(proc.log_path).read_bytes()  # type: ignore[attr-defined]
-                or proc.poll() is not None
-            ),
-            timeout=60,
-            message="celery worker ready",
-        )
-        assert proc.poll() is None, Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+        proc = self._start("worker", argv, RELIABLE_JOB_RELAY_IN_WORKER="1" if relay else "0", **extra)
+        proc.wait_for_line(r"ready\.", timeout=60)
         return proc
 
-    def relay(self, **extra: str) -> subprocess.Popen[bytes]:
+    def relay(self, **extra: str) -> Process:
+        """A ``reliable-job relay`` process, just started (not waited for)."""
         argv = [sys.executable, "-m", "reliable_job.cli", "relay", "--app", "tests.apps.celery_app:app"]
-        return self._spawn("relay", argv, **extra)
+        return self._start("relay", argv, **extra)
 
-    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        return proc.wait(timeout=timeout)
+    def stop(self, proc: Process, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """``sig``, then its exit status; still running after ``timeout``: killed, and an error."""
+        return proc.stop(sig, timeout, strict=True)
 
-    def log(self, proc: subprocess.Popen[bytes]) -> str:
-        return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+    def log(self, proc: Process) -> str:
+        return proc.log()
 
     def executed(self) -> list[tuple[str, str, int]]:
         with self.engine.connect() as conn:
@@ -276,9 +307,7 @@ class Services:
 
     def close(self) -> None:
         for proc in self.processes:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            proc.close()
 
 
 @pytest.fixture

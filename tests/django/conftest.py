@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -22,7 +21,8 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from tests.conftest import REQUIRE, ROOT, wait_for
+from reliable_job.processes import Process
+from tests.conftest import REQUIRE, ROOT, mark_by_fixtures
 
 EXAMPLE = ROOT / "examples" / "django_project"
 SETTINGS = "tests.django.settings"
@@ -52,6 +52,17 @@ else:
 
 ALL_DATABASES = ["default", "other", "sqlite"]
 
+MARKERS_BY_FIXTURE = {
+    "processes": ("e2e",),
+    # autouse here and only here: every test of the Django suite runs on PostgreSQL and Redis
+    "_close_outbox_engines": ("postgres", "redis"),
+}
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Markers from fixtures, like tests/conftest.py's (which then adds each test's tier)."""
+    mark_by_fixtures(item, MARKERS_BY_FIXTURE)
+
 
 def env(**extra: str) -> dict[str, str]:
     """Environment of a subprocess of the example project with the test settings."""
@@ -70,17 +81,16 @@ class Processes:
     """``celery -A proj worker`` and ``manage.py`` processes of the example project."""
 
     log_dir: Path
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    processes: list[Process] = field(default_factory=list)
 
-    def spawn(self, name: str, argv: list[str], **extra: str) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, argv: list[str], **extra: str) -> Process:
         path = self.log_dir / f"{name}-{len(self.processes)}.log"
-        with open(path, "wb") as log:
-            proc = subprocess.Popen(argv, env=env(**extra), stdout=log, stderr=subprocess.STDOUT, cwd=EXAMPLE)
-        proc.log_path = str(path)  # type: ignore[attr-defined]
+        proc = Process(argv, path, env=env(**extra), cwd=EXAMPLE, name=name)
         self.processes.append(proc)
         return proc
 
-    def worker(self, **extra: str) -> subprocess.Popen[bytes]:
+    def worker(self, **extra: str) -> Process:
+        """A ``celery -A proj worker``, once it is ready."""
         argv = [
             sys.executable,
             "-m",
@@ -97,33 +107,22 @@ class Processes:
             f"dj{uuid.uuid4().hex[:6]}@%h",
         ]
         proc = self.spawn("worker", argv, **extra)
-        wait_for(
-            lambda: (
-                b"ready." in Path(proc.log_path).read_bytes()  # type: ignore[attr-defined]
-                or proc.poll() is not None
-            ),
-            timeout=90,
-            message="celery worker ready",
-        )
-        assert proc.poll() is None, self.log(proc)
+        proc.wait_for_line(r"ready\.", timeout=90)
         return proc
 
-    def manage(self, *args: str, **extra: str) -> subprocess.Popen[bytes]:
+    def manage(self, *args: str, **extra: str) -> Process:
         return self.spawn("manage", [sys.executable, "manage.py", *args], **extra)
 
-    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        return proc.wait(timeout=timeout)
+    def stop(self, proc: Process, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """``sig``, then its exit status; still running after ``timeout``: killed, and an error."""
+        return proc.stop(sig, timeout, strict=True)
 
-    def log(self, proc: subprocess.Popen[bytes]) -> str:
-        return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+    def log(self, proc: Process) -> str:
+        return proc.log()
 
     def close(self) -> None:
         for proc in self.processes:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            proc.close()
 
 
 def flush_redis() -> None:

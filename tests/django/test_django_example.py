@@ -16,11 +16,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from contextlib import ExitStack
 
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
-from tests.conftest import free_port, wait_for
+from reliable_job.processes import Process, free_port, wait_for
 from tests.django.conftest import EXAMPLE, flush_redis
 
 pytestmark = pytest.mark.e2e
@@ -98,10 +99,9 @@ def test_readme_steps_run_as_written(tmp_path, database):
         if k != "DJANGO_SETTINGS_MODULE" and not k.startswith("RELIABLE_JOB_")
     }
     env.update(db_env)
-    background: list[subprocess.Popen[bytes]] = []
+    background: list[Process] = []
     responses: list[tuple[int, bytes]] = []
     outputs: list[str] = []
-    logs = []
     lines = steps()
     assert [line.split()[0] for line in lines] == [
         "export",
@@ -134,18 +134,12 @@ def test_readme_steps_run_as_written(tmp_path, database):
             elif argv[0] == "celery":
                 argv[:1] = [sys.executable, "-m", "celery"]
             if line.endswith("&"):
-                log = open(tmp_path / f"bg-{len(background)}.log", "wb")
-                logs.append(log)
-                proc = subprocess.Popen(argv, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
+                proc = Process(argv, tmp_path / f"bg-{len(background)}.log", env=env, cwd=project)
                 background.append(proc)
                 if "worker" in argv:
-                    wait_for(
-                        lambda: b"ready." in (tmp_path / "bg-0.log").read_bytes(),
-                        timeout=90,
-                        message="the worker",
-                    )
+                    proc.wait_for_line(r"ready\.", timeout=90)
                 else:
-                    wait_for(lambda: _serving(port), timeout=60, message="the dev server")
+                    proc.wait_until(lambda: _serving(port), timeout=60, message="the dev server")
                 continue
             if argv[-1] == "status":
                 # The failed view's job must never show up: let the worker settle first.
@@ -158,11 +152,9 @@ def test_readme_steps_run_as_written(tmp_path, database):
             assert done.returncode == 0, done.stdout + done.stderr
             outputs.append(done.stdout)
     finally:
-        for proc in background:
-            proc.terminate()
-            proc.wait(timeout=60)
-        for log in logs:
-            log.close()
+        with ExitStack() as stack:  # every one stopped, even if one of them will not
+            for proc in background:
+                stack.callback(proc.stop, timeout=60, strict=True)
 
     (created_status, created), (failed_status, _) = responses
     assert created_status == 201

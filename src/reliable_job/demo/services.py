@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import logging
-import signal
-import socket
-import subprocess
 import sys
-import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from reliable_job.errors import ReliableJobError
+from reliable_job.processes import Process, ProcessExited, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +26,6 @@ def mask_url(url: str) -> str:
     userinfo, _, hostinfo = parts.netloc.rpartition("@")
     user = userinfo.split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Broker(Protocol):
@@ -133,21 +123,21 @@ class Worker:
         ]
         self.env = {**env, "RJ_DEMO_READY_FILE": str(self.ready_file)}
         self.runs = 0
-        self.log_path = directory / "worker.log"
-        self.process = self._spawn()
+        self.process = self._start()
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _start(self) -> Process:
         self.runs += 1
-        self.log_path = self.directory / f"worker-{self.runs}.log"
         self.ready_file.unlink(missing_ok=True)
-        with open(self.log_path, "wb") as log:
-            return subprocess.Popen(
-                self.argv, env=self.env, cwd=self.directory, stdout=log, stderr=subprocess.STDOUT
-            )
+        log_path = self.directory / f"worker-{self.runs}.log"
+        return Process(self.argv, log_path, env=self.env, cwd=self.directory, name="the celery worker")
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
 
     @property
     def exit_status(self) -> int | None:
@@ -156,30 +146,17 @@ class Worker:
 
     def restart(self) -> None:
         self.stop()
-        self.process = self._spawn()
+        self.process = self._start()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready_file.exists():
-            if self.process.poll() is not None:
-                raise DemoError(
-                    f"the celery worker exited with status {self.process.returncode}:\n" + self.log_tail()
-                )
-            if time.monotonic() > deadline:
-                raise DemoError(f"the celery worker was not ready after {timeout:.0f}s:\n" + self.log_tail())
-            time.sleep(0.1)
+        try:
+            self.process.wait_until(self.ready_file.exists, timeout, "its ready file")
+        except (ProcessExited, TimeoutError) as exc:
+            raise DemoError(str(exc)) from None
 
     def stop(self, timeout: float = 30.0) -> None:
         """Warm shutdown (SIGTERM): running tasks finish; killed if it takes too long."""
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("the celery worker did not stop within %.0fs: killing it", timeout)
-            self.process.kill()
-            self.process.wait()
+        self.process.stop(timeout=timeout)
 
     def last_error(self) -> str:
         """The last CRITICAL line of this run's log, else its last line."""
@@ -188,8 +165,4 @@ class Worker:
         return (critical or lines or ["no output"])[-1]
 
     def log_tail(self, lines: int = 25) -> str:
-        try:
-            with open(self.log_path, errors="replace") as log:
-                return "".join(deque(log, maxlen=lines))
-        except OSError:
-            return ""
+        return self.process.log_tail(lines)
