@@ -1,6 +1,6 @@
 """For every setting: a value other than the default, and a probe that finds it in the object that
 uses it (a relay, completion, the stager, the store, the worker bootstep). Shared by
-``tests/test_settings_sources.py`` and ``tests/django/test_django_settings.py``.
+``tests/unit/test_settings_sources.py`` and ``tests/django/test_django_settings.py``.
 """
 
 from __future__ import annotations

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import redis as redis_lib
 from sqlalchemy import create_engine, text
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+from tests.conftest import ROOT
+
+README = ROOT / "README.md"
 
 
 def quickstart() -> str:
