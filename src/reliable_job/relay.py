@@ -11,9 +11,9 @@ never publish the same row unless one of them crashed.
 
 Between passes: a full batch is followed at once by the next pass. Otherwise the relay waits
 ``hot_poll`` while it is busy (for ``hot_window`` seconds after a pass that found rows or a
-wake-up), then ``poll_interval``. With a :class:`~reliable_job.ports.Wakeup` (PostgreSQL
-``LISTEN``) a notification ends any wait at once; when listening fails the relay logs it, polls,
-and tries to listen again later.
+wake-up), then ``poll_interval``. How it waits is :class:`~reliable_job.wakeups.IdleWait`'s: with
+a :class:`~reliable_job.ports.Wakeup` (PostgreSQL ``LISTEN``) a notification ends any wait at
+once; when listening fails the relay logs it, polls, and tries to listen again later.
 
 A relay builds itself from :class:`~reliable_job.settings.Settings` (batch size, polls, backoff,
 redelivery, ``listen_notify``); the keyword options are for tests and for the integration that
@@ -31,6 +31,7 @@ from reliable_job.backoff import backoff_delay
 from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable, UnknownMessageFormat
 from reliable_job.ports import Broker, Claim, ClaimedRow, OutboxStore, Wakeup
 from reliable_job.settings import Settings
+from reliable_job.wakeups import IdleWait
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +76,14 @@ class Relay:
         self.hot_poll = min(settings.hot_poll, settings.poll_interval)
         self.hot_window = hot_window
         self._hot_until = float("-inf")
-        self._listen = listen if settings.listen_notify else None
-        self.listen_retry = listen_retry
-        self._listen_at = float("-inf")
-        self._listen_failed = False
-        self._wakeup: Wakeup | None = None
-        self._wakeup_lock = threading.Lock()
-        self.wakeups = 0
-        """Notifications that woke this relay (for tests and diagnostics)."""
+        self._waiting = IdleWait(
+            listen if settings.listen_notify else None,
+            self.stopping,
+            poll_interval=settings.poll_interval,
+            listen_retry=listen_retry,
+            clock=clock,
+            wait=self._wait,
+        )
         self._unknown_formats: set[int] = set()
         """Format versions this relay met and could not read (each logged once)."""
 
@@ -170,77 +171,38 @@ class Relay:
                 self.idle(self.hot_poll if hot else self.poll_interval)
         finally:
             self.broker.close()
-            self._close_wakeup()
+            self._waiting.close()
             logger.info("relay stopped (%d published)", self.published)
 
     @property
     def listening(self) -> bool:
         """Whether the relay is listening for wake-ups right now."""
-        return self._wakeup is not None
+        return self._waiting.listening
 
     @property
     def listens(self) -> bool:
         """Whether the relay listens, or will try to, for wake-ups: ``False`` when it only polls
         (``listen_notify`` off, no wake-up source, or a database without notifications)."""
-        return self._listen is not None
+        return self._waiting.listens
+
+    @property
+    def wakeups(self) -> int:
+        """Notifications that woke this relay (for tests and diagnostics)."""
+        return self._waiting.wakeups
+
+    @property
+    def listen_retry(self) -> float:
+        """Seconds before listening is tried again after it failed."""
+        return self._waiting.listen_retry
+
+    @listen_retry.setter
+    def listen_retry(self, seconds: float) -> None:
+        self._waiting.listen_retry = seconds
 
     def idle(self, seconds: float) -> None:
         """Wait up to ``seconds`` for the next pass; a notification or :meth:`stop` ends it."""
-        wakeup = self._current_wakeup()
-        if wakeup is None:
-            self._wait(self.stopping, seconds)
-            return
-        try:
-            notified = wakeup.wait(seconds)
-        except Exception as exc:
-            logger.warning(
-                "relay stopped listening for new jobs, polling every %.2fs: %s",
-                self.poll_interval,
-                exc,
-            )
-            self._close_wakeup()
-            self._listen_at = self._clock() + self.listen_retry
-            self._listen_failed = True
-            return
-        if notified:
-            self.wakeups += 1
+        if self._waiting.wait(seconds):
             self._hot_until = self._clock() + self.hot_window
-
-    def _current_wakeup(self) -> Wakeup | None:
-        if self._wakeup is not None or self._listen is None or self._clock() < self._listen_at:
-            return self._wakeup
-        try:
-            wakeup = self._listen()
-        except Exception as exc:
-            self._listen_at = self._clock() + self.listen_retry
-            if not self._listen_failed:
-                logger.warning(
-                    "relay cannot listen for new jobs, polling every %.2fs instead: %s",
-                    self.poll_interval,
-                    exc,
-                )
-            self._listen_failed = True
-            return None
-        if wakeup is None:  # this database has no notifications: poll, and never ask again
-            self._listen = None
-            return None
-        if self._listen_failed:
-            logger.warning("relay listening for new jobs again")
-            self._listen_failed = False
-        with self._wakeup_lock:
-            self._wakeup = wakeup
-            if self.stopping.is_set():
-                wakeup.interrupt()
-        return wakeup
-
-    def _close_wakeup(self) -> None:
-        with self._wakeup_lock:
-            wakeup, self._wakeup = self._wakeup, None
-        if wakeup is not None:
-            try:
-                wakeup.close()
-            except Exception:
-                logger.debug("error closing the relay's listening connection", exc_info=True)
 
     def redeliver_due(self) -> None:
         """Every ``redeliver_after / 10`` seconds (1 s to 60 s), put published jobs that never
@@ -264,9 +226,7 @@ class Relay:
 
     def stop(self) -> None:
         self.stopping.set()
-        with self._wakeup_lock:
-            if self._wakeup is not None:
-                self._wakeup.interrupt()
+        self._waiting.interrupt()
 
     def _on_outage(self, exc: Exception) -> float:
         self._outage_attempts += 1
