@@ -10,9 +10,7 @@ import logging
 import os
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,6 +20,8 @@ from typing import Any
 
 from sqlalchemy import Table, func, select
 
+from reliable_job.demo.config import REDELIVER_AFTER, DemoConfig
+from reliable_job.demo.outage import Console, Outage
 from reliable_job.demo.services import Broker, DemoError, EmbeddedRedis, ExternalRedis, Worker, mask_url
 from reliable_job.demo.workload import Ledger, stage_transaction, transactions
 from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase
@@ -33,57 +33,7 @@ OUTAGE_SECONDS = 4.0
 PROGRESS_INTERVAL = 1.0
 POLL_INTERVAL = 0.1
 MAX_WORKER_RESTARTS = 3
-REDELIVER_AFTER = 15
 STALL_SECONDS = 30.0
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    jobs: int
-    directory: Path
-    database_url: str
-    temporary_database: bool
-    redis_url: str | None
-    run_id: str
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, directory: Path) -> DemoConfig:
-        if args.jobs < 1:
-            raise DemoError("--jobs must be at least 1")
-        url = args.database_url or f"sqlite:///{directory / 'demo.sqlite3'}"
-        return cls(args.jobs, directory, url, args.database_url is None, args.redis_url, uuid.uuid4().hex[:8])
-
-    def _name(self, base: str) -> str:
-        # A database of the user's may hold other runs' (or real) tables: this run's own names.
-        return base if self.temporary_database else f"{base}_{self.run_id}"
-
-    @property
-    def outbox_table(self) -> str:
-        return self._name("demo_outbox")
-
-    @property
-    def executions_table(self) -> str:
-        return self._name("demo_executions")
-
-    @property
-    def database_label(self) -> str:
-        return "sqlite (temporary file)" if self.temporary_database else mask_url(self.database_url)
-
-    def environment(self, broker_url: str) -> dict[str, str]:
-        """The variables that configure :mod:`reliable_job.demo.app`, here and in the worker."""
-        return {
-            "RJ_DEMO_BROKER_URL": broker_url,
-            "RJ_DEMO_QUEUE": f"reliable_job_demo_{self.run_id}",
-            "RJ_DEMO_EXECUTIONS": self.executions_table,
-            "RELIABLE_JOB_DATABASE_URL": self.database_url,
-            "RELIABLE_JOB_TABLE_NAME": self.outbox_table,
-            "RELIABLE_JOB_RELAY_IN_WORKER": "1",
-            "RELIABLE_JOB_POLL_INTERVAL": "0.05",
-            "RELIABLE_JOB_BACKOFF_CAP": "1",
-            # Messages Redis loses when it stops (popped by the worker, not yet recorded as
-            # unacknowledged) leave their rows `sent`: the relay publishes them again after this.
-            "RELIABLE_JOB_REDELIVER_AFTER": str(REDELIVER_AFTER),
-        }
 
 
 @dataclass(frozen=True)
@@ -98,69 +48,6 @@ class Snapshot:
     @property
     def outbox(self) -> int:
         return self.pending + self.sent + self.dead
-
-
-class Console:
-    """The demo's progress lines, on stderr, stamped with the time since the start."""
-
-    def __init__(self, started: float) -> None:
-        self.started = started
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def say(self, message: str) -> None:
-        print(f"demo {self.elapsed():6.1f}s  {message}", file=sys.stderr, flush=True)
-
-
-class Outage:
-    """Stops the broker once ``at_staged`` jobs are staged; a timer starts it again ``seconds``
-    later, whatever the staging loop is doing."""
-
-    def __init__(self, broker: Broker, at_staged: int, seconds: float, console: Console) -> None:
-        self.broker = broker
-        self.at_staged = at_staged
-        self.planned = seconds if broker.restartable else 0.0
-        self.console = console
-        self.started_at: float | None = None
-        self.ended_at: float | None = None
-        self._timer: threading.Timer | None = None
-        self._error: Exception | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.started_at is not None and self.ended_at is None
-
-    @property
-    def seconds(self) -> float:
-        if self.started_at is None:
-            return 0.0
-        return (self.ended_at or time.monotonic()) - self.started_at
-
-    def tick(self, staged: int) -> None:
-        if self._error is not None:
-            raise self._error
-        if self.planned <= 0 or self.started_at is not None or staged < self.at_staged:
-            return
-        self.broker.stop()
-        self.started_at = time.monotonic()
-        self.console.say(f"redis DOWN: broker stopped after {staged} staged jobs; staging goes on")
-        self._timer = threading.Timer(self.planned, self._end)
-        self._timer.start()
-
-    def _end(self) -> None:
-        try:
-            self.broker.start()
-        except Exception as exc:
-            self._error = exc
-            return
-        self.ended_at = time.monotonic()
-        self.console.say(f"redis UP: broker restarted on the same port after {self.seconds:.1f}s")
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer.join()
 
 
 class Demo:
