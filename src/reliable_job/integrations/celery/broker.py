@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from kombu import Producer
 from kombu.exceptions import InconsistencyError, OperationalError
@@ -289,7 +289,9 @@ class KombuBroker:
                 if isinstance(members, Exception):
                     unreadable[exchange] = members  # e.g. WRONGTYPE: that exchange's rows fail
                 else:
-                    tables[exchange] = [tuple(_text(m).split(channel.sep)) for m in members]
+                    tables[exchange] = [
+                        tuple(_text(m).split(channel.sep)) for m in cast("set[bytes]", members)
+                    ]
 
         pushes: dict[str, list[str]] = {}
         pushed: dict[str, list[int]] = {}
