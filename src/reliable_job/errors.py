@@ -41,3 +41,12 @@ class UnknownMessageFormat(ReliableJobError):
     def __init__(self, version: int) -> None:
         super().__init__(f"stored message format version {version} is newer than this relay reads")
         self.version = version
+
+
+class MessageUnroutable(ReliableJobError):
+    """The broker would drop the message: no queue is bound to its exchange and routing key.
+
+    kombu's Redis transport silently discards such a message (as it would for Celery's own
+    publish); the relay reports it as the row's failure instead of marking it sent, so it is
+    retried with backoff and then set dead with this error, never lost unseen.
+    """

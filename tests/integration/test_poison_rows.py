@@ -109,11 +109,14 @@ FIELDS = ["v", "exchange", "routing_key", "priority", "mandatory", "immediate", 
 
 def expected(field: str, kind: str) -> str:
     """What becomes of the row: ``published`` (in Redis), ``sent`` (valid, routed where kombu
-    routes it), ``deferred`` (a newer format version) or ``dead``."""
+    routes it), ``unroutable`` (valid, but kombu would route it to no queue: dead, never marked
+    sent), ``deferred`` (a newer format version) or ``dead``."""
     value = VALUES[kind]
     if field == "v":
         return "deferred" if kind == "number" else "dead"
-    if field in ("exchange", "routing_key"):
+    if field == "exchange":  # an exchange no queue is bound to: kombu would drop the message
+        return "unroutable" if isinstance(value, str) else "dead"
+    if field == "routing_key":
         return "sent" if isinstance(value, str) else "dead"
     if field == "priority":
         return "published" if kind in ("null", "number") else "dead"
@@ -143,6 +146,10 @@ def test_a_field_of_the_wrong_type_fails_only_its_row(poison_app, engine, outbox
         assert row["attempts"] == MAX_ATTEMPTS
         assert "CorruptMessage" in row["last_error"]
         assert len(row["last_error"]) < 1000
+        assert bad not in published
+    elif outcome == "unroutable":
+        assert row["state"] == DEAD
+        assert "MessageUnroutable" in row["last_error"]
         assert bad not in published
     elif outcome == "deferred":
         assert (row["state"], row["attempts"], row["last_error"]) == (PENDING, 0, None)
