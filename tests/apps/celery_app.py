@@ -99,3 +99,26 @@ def slow_record(self, marker, seconds=0.05):
     """Takes a moment, so that a worker can be killed in the middle of its work."""
     time.sleep(seconds)
     _record(self.request.id, marker)
+
+
+# -- canvas and stamp tests (tests/e2e/test_e2e_canvas.py, test_e2e_stamp.py) --------------------
+# Immutable signatures (.si) or a leading marker: extra positional arguments (a previous step's
+# result) are ignored. Called inline (celery.map, celery.starmap) a task has no request id.
+
+
+@app.task(bind=True, reliable_job=True)
+def reliable_step(self, marker, *_):
+    _record(self.request.id or f"inline:{marker}", marker)
+    return marker
+
+
+@app.task(bind=True, reliable_job=False)
+def plain_step(self, marker, *_):
+    _record(self.request.id or f"inline:{marker}", marker)
+    return marker
+
+
+@app.task(bind=True, reliable_job=False)
+def plain_fail(self, marker, *_):
+    _record(self.request.id, marker)
+    raise ValueError(f"boom {marker}")

@@ -189,11 +189,13 @@ def test_relay_puts_in_redis_what_a_direct_apply_async_would(
     celery_app, engine, outbox, redis_url, monkeypatch, path, priority
 ):
     """A relayed message is byte for byte what a direct apply_async puts in Redis (but for its
-    fresh delivery tag): same payload, same key (priority queues included), same kombu binding
-    bookkeeping; through the Redis fast path and kombu's own path, from a v2 row and from a v1 row
-    staged by reliable-job 0.1."""
+    fresh delivery tag and the stamp header staging adds, the only other difference allowed):
+    same payload, same key (priority queues included), same kombu binding bookkeeping; through
+    the Redis fast path and kombu's own path, from a v2 row and from a v1 row staged by
+    reliable-job 0.1."""
     from reliable_job.integrations.celery import broker as broker_module
     from reliable_job.integrations.celery.message import CapturedPublish
+    from reliable_job.integrations.celery.stamp import HEADER, VALUE
     from tests.apps.celery_app import record
 
     if path.startswith("v1"):
@@ -230,7 +232,8 @@ def test_relay_puts_in_redis_what_a_direct_apply_async_would(
     assert client.smembers("_kombu.binding.reports")
     client.flushdb()
 
-    monkeypatch.setattr(type(record._get_current_object()), "reliable_job", False)
+    # the direct publish bypasses reliable-job (its link is reliable: it would be staged)
+    monkeypatch.setattr(celery_app, "send_task", celery_app.reliable_job._send_task)
     # on a fresh connection, which declares the queue as a first publish does
     with celery_app.connection_for_write() as conn, conn.Producer() as producer:
         record.apply_async(("x",), producer=producer, **options)
@@ -248,7 +251,12 @@ def test_relay_puts_in_redis_what_a_direct_apply_async_would(
     assert relayed == direct
     relayed_bytes, relayed_tag = without_delivery_tag(relayed_message)
     direct_bytes, direct_tag = without_delivery_tag(direct_message)
-    assert relayed_bytes == direct_bytes
+    # the stamp: the last of the headers, after the caller's own
+    stamp = f', "{HEADER}": {json.dumps(VALUE)}}}'.encode()
+    assert json.loads(relayed_message)["headers"][HEADER] == VALUE
+    assert HEADER not in json.loads(direct_message)["headers"]
+    assert relayed_bytes.count(stamp) == 1
+    assert relayed_bytes.replace(stamp, b"}") == direct_bytes
     assert relayed_tag and relayed_tag != direct_tag
 
 

@@ -24,8 +24,10 @@ from kombu.utils.uuid import uuid
 
 from reliable_job.completion import Completion
 from reliable_job.errors import ConfigurationError, NotSerializableError, StagingError
+from reliable_job.integrations.celery import canvas
 from reliable_job.integrations.celery.capture import CapturingProducer
 from reliable_job.integrations.celery.config import load_settings
+from reliable_job.integrations.celery.stamp import is_stamped, stamp
 from reliable_job.ports import OutboxDatabase, OutboxStore, StagedJob
 from reliable_job.relay import Relay, RelayGroup
 from reliable_job.settings import Settings
@@ -70,19 +72,33 @@ class CeleryIntegration:
             return bool(flag)
         return self.settings.enable_for_all_jobs and not name.startswith("celery.")
 
+    def is_staged(self, name: str, args: Any, kwargs: Any, options: dict[str, Any]) -> bool:
+        """Whether ``send_task`` stages this message (and stamps it): its task is reliable, or
+        it carries a reliable task (a chain's next steps, ``link``/``link_error``, a chord body,
+        the task of ``celery.map``/``starmap``/``chunks``/``chord_unlock``), or it belongs to a
+        group or chord that does (:mod:`~reliable_job.integrations.celery.canvas`)."""
+        if self.is_reliable(name, options.get("task_type")):
+            return True
+        return canvas.reliable_scope(self.app) or canvas.carries_reliable(
+            self.is_reliable, name, args, kwargs, options
+        )
+
     # -- staging -------------------------------------------------------------------------------
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         assert self._send_task is not None
         target = options.pop(SESSION_OPTION, None)
-        if not self.is_reliable(name, options.get("task_type")):
+        if not self.is_staged(name, args, kwargs, options):
             return self._send_task(name, args, kwargs, **options)
         task_id = options.get("task_id") or uuid()
         parent = self.app.current_worker_task
         if parent is not None and parent.request.id == task_id:
             # Celery re-publishing a job that is already in the outbox (a retry): not staged again.
+            if is_stamped(parent.request):
+                stamp(options)  # Celery republishes the request's headers; this only makes sure
             return self._send_task(name, args, kwargs, **options)
         options["task_id"] = task_id
+        stamp(options)
         options.pop("connection", None)
         options.pop("publisher", None)
         producer = CapturingProducer(self._capture_conn(), auto_declare=False)
@@ -174,6 +190,7 @@ def install(
 
     app.send_task = send_task
     app.reliable_job = runtime
+    canvas.wrap_canvas()
     connect_worker(app)
     return runtime
 

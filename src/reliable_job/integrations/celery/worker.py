@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps, signals
 
+from reliable_job.integrations.celery.stamp import is_stamped
+
 if TYPE_CHECKING:
     from reliable_job.integrations.celery.app import CeleryIntegration
     from reliable_job.relay import Relay, RelayGroup
@@ -44,17 +46,40 @@ class RelayStep(bootsteps.StartStopStep):  # type: ignore[misc]
     shutdown = stop
 
 
-def _runtime_for(task: Any) -> Any:
+def _runtime_for(task: Any, request: Any) -> Any:
+    """The integration that completes this job, or ``None``: completion follows the stamp of the
+    job's message (:mod:`~reliable_job.integrations.celery.stamp`), not the worker's idea of
+    which tasks are reliable. A stamped message has a row in the outbox, whatever this worker's
+    ``enable_for_all_jobs`` or the task's flag say; an unstamped one has none, and deleting by its
+    id could only remove another job's row.
+
+    ``request`` is the job's request; ``None`` when the signal comes from a place that no longer
+    has it (the main process reporting a hard time limit or a ``Reject``): then, and only then,
+    the worker's configuration decides, as it did before messages were stamped.
+    """
     if task is None:
         return None
     runtime = getattr(task.app, "reliable_job", None)
-    if runtime is None or not runtime.is_reliable(task.name, task):
+    if runtime is None:
         return None
-    return runtime
+    if request is not None:
+        return runtime if is_stamped(request) else None
+    return runtime if runtime.is_reliable(task.name, task) else None
+
+
+def _request_of(task: Any, task_id: str | None) -> Any:
+    """The request of job ``task_id``: the task's current one while it runs (the signals sent from
+    the pool's process), else the worker's record of it, else ``None``."""
+    current = task.request if task is not None else None
+    if current is not None and task_id is not None and current.id == task_id:
+        return current
+    from celery.worker import state
+
+    return state.requests.get(task_id) if task_id else None
 
 
 def _on_success(sender: Any = None, **_: Any) -> None:
-    runtime = _runtime_for(sender)
+    runtime = _runtime_for(sender, sender.request if sender is not None else None)
     if runtime is not None:
         runtime.completion.succeeded(sender.request.id)
 
@@ -62,13 +87,13 @@ def _on_success(sender: Any = None, **_: Any) -> None:
 def _on_failure(
     sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_: Any
 ) -> None:
-    runtime = _runtime_for(sender)
+    runtime = _runtime_for(sender, _request_of(sender, task_id))
     if runtime is not None and task_id:
         runtime.completion.failed(task_id, f"{type(exception).__name__}: {exception}")
 
 
 def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
-    runtime = _runtime_for(sender)
+    runtime = _runtime_for(sender, request)
     if runtime is not None and request is not None:
         reason = "expired" if _.get("expired") else "revoked"
         runtime.completion.failed(request.id, reason)
