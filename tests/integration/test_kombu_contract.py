@@ -1,11 +1,12 @@
 """kombu's private surface that reliable-job relies on, checked against the installed kombu.
 
-The relay's Redis fast path (``src/reliable_job/integrations/celery/broker.py``) calls private
-helpers of kombu's Redis channel to push exactly what kombu itself would (same key, same priority
-queue, same binding table), staging overrides ``Producer._publish`` (``capture.py``) and rebuilds
-kombu's Redis payload byte for byte (``message.py``). None of that is kombu's public API, so
-``pyproject.toml`` bounds kombu below its next minor release. Before raising that bound, run this
-module on the new kombu: each check names the helper that changed and what to re-check.
+The relay's Redis fast path (``src/reliable_job/integrations/celery/redis_fast_path.py``) calls
+private helpers of kombu's Redis channel to push exactly what kombu itself would (same key, same
+priority queue, same binding table), kombu's path on Redis (``kombu_path.py``) runs the commands
+kombu's channel hands its publish batch, staging overrides ``Producer._publish`` (``capture.py``)
+and rebuilds kombu's Redis payload byte for byte (``message.py``). None of that is kombu's public
+API, so ``pyproject.toml`` bounds kombu below its next minor release. Before raising that bound,
+run this module on the new kombu: each check names the helper that changed and what to re-check.
 
 The first tests need no server (signatures, and behaviour on a channel object that never
 connected); the last one publishes through a real kombu connection to the test Redis.
@@ -23,7 +24,9 @@ from kombu import Connection, Exchange, Producer, Queue
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import exchange as kombu_exchange
 
-FAST_PATH = "src/reliable_job/integrations/celery/broker.py (the relay's Redis fast path)"
+FAST_PATH = "src/reliable_job/integrations/celery/redis_fast_path.py (the relay's Redis fast path)"
+KOMBU_PATH = "src/reliable_job/integrations/celery/kombu_path.py (kombu's publish on Redis)"
+CAPTURE = "src/reliable_job/integrations/celery/capture.py"
 
 
 def broken(helper: str, detail: str, where: str = FAST_PATH) -> None:
@@ -69,8 +72,18 @@ ATTRIBUTES = [
 @pytest.mark.parametrize(("helper", "owner", "name"), ATTRIBUTES, ids=[a[0] for a in ATTRIBUTES])
 def test_private_names_exist(helper, owner, name):
     if not hasattr(owner, name):
-        where = "src/reliable_job/integrations/celery/capture.py" if name == "_publish" else FAST_PATH
-        broken(helper, "it no longer exists", where)
+        broken(helper, "it no longer exists", where_used(name))
+
+
+def where_used(name: str) -> str:
+    """The module that relies on kombu's ``name``."""
+    if name == "_publish":
+        return CAPTURE
+    if name == "Channel":
+        return KOMBU_PATH
+    if name in ("conn_or_acquire", "supports_batch_publish"):
+        return f"{FAST_PATH} and {KOMBU_PATH}"
+    return FAST_PATH
 
 
 def test_call_signatures():
@@ -228,5 +241,5 @@ def test_live_channel_matches_the_fast_path(redis_url):
         broken(
             "the Redis payload layout",
             f"the delivery tag is no longer the payload's last field: {text[-80:]!r}",
-            "src/reliable_job/integrations/celery/message.py (stored v2 payload) and broker.py",
+            "src/reliable_job/integrations/celery/message.py (stored v2 payload) and redis_fast_path.py",
         )
