@@ -189,3 +189,75 @@ def test_a_row_in_a_newer_format_is_neither_published_nor_buried(
     warnings = unknown_format_warnings(caplog)
     assert len(warnings) == 1, warnings
     assert future_id in warnings[0] and "version 99" in warnings[0]
+
+
+def unstamped(message: str, layout: str) -> str:
+    """A stored message as reliable-job 0.1.0 wrote it (no stamp header), in one of the layouts
+    relays meet: v2 exactly as written, v2 re-serialized by a tool, v1."""
+    from reliable_job.integrations.celery import stamp
+
+    doc = json.loads(message)
+    doc["payload"]["headers"].pop(stamp.HEADER)
+    if layout == "v2":
+        text = message.replace(f', "{stamp.HEADER}": {stamp.VALUE}', "")
+        assert json.loads(text) == doc, "the stamp is the only difference"
+        return text
+    if layout == "v2-reserialized":
+        return json.dumps(doc, indent=2, sort_keys=True)
+    payload = doc["payload"]  # v1: the fields of kombu's message, body as stored
+    return json.dumps(
+        {
+            "v": 1,
+            **{
+                k: doc[k]
+                for k in ("exchange", "routing_key", "priority", "mandatory", "immediate", "declare")
+            },
+            "body": payload["body"],
+            "body_encoding": "base64",
+            "content_type": payload["content-type"],
+            "content_encoding": payload["content-encoding"],
+            "headers": payload["headers"],
+            "properties": {
+                k: v
+                for k, v in payload["properties"].items()
+                if k not in ("delivery_info", "priority", "body_encoding", "delivery_tag")
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize("layout", ["v2", "v2-reserialized", "v1"])
+@pytest.mark.parametrize("path", ["fast", "kombu"])
+def test_rows_staged_before_the_stamp_are_stamped_as_they_are_relayed(
+    celery_app, engine, outbox, redis_url, path, layout
+):
+    """Upgrading from 0.1.0: pending rows staged without the stamp header reach Redis stamped, so
+    the upgraded workers complete them (completion follows the stamp); stamped rows are unchanged."""
+    from reliable_job.integrations.celery import stamp
+
+    ids = stage_records(engine, "old", 4)
+    old = set(ids[:2])
+    t = outbox
+    with engine.begin() as conn:
+        for row in outbox_rows(engine, outbox):
+            if row["job_id"] in old:
+                conn.execute(
+                    update(t).where(t.c.id == row["id"]).values(message=unstamped(row["message"], layout))
+                )
+    relay = celery_app.reliable_job.relay()
+    relay.broker.fast_path = path == "fast"
+    assert relay.run_once() == 4
+    relay.broker.close()
+    assert {r["state"] for r in outbox_rows(engine, outbox)} == {SENT}
+
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        relayed = {
+            json.loads(m)["headers"]["id"]: json.loads(m)["headers"] for m in client.lrange("celery", 0, -1)
+        }
+    finally:
+        client.close()
+    assert sorted(relayed) == sorted(ids)
+    for headers in relayed.values():
+        assert stamp.is_stamped(headers)
+        assert list(headers).count(stamp.HEADER) == 1

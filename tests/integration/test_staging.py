@@ -224,6 +224,7 @@ def test_relay_puts_in_redis_what_a_direct_apply_async_would(
             raise AssertionError("the fast path handed the message to kombu")
 
         monkeypatch.setattr(broker_module.KombuBroker, "_publish_kombu", no_kombu)
+        monkeypatch.setattr(broker_module.KombuBroker, "_publish_kombu_redis", no_kombu)
     assert relay.run_once() == 1
     relay.broker.close()
     monkeypatch.undo()

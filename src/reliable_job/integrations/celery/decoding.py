@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from reliable_job.errors import UnknownMessageFormat
+from reliable_job.integrations.celery import stamp
 from reliable_job.integrations.celery.message import (
     _ADDED_PROPERTIES,
     PAYLOAD_END,
@@ -139,7 +140,7 @@ def _decode_v2(doc: dict[str, Any]) -> _Decoded:
         body=base64.b64decode(_field(payload, "body", str, "a string")),
         content_type=_field(payload, "content-type", str, "a string"),
         content_encoding=_field(payload, "content-encoding", str, "a string"),
-        headers=_field(payload, "headers", dict, "an object"),
+        headers=_stamped(_field(payload, "headers", dict, "an object")),
         properties={k: v for k, v in properties.items() if k not in _ADDED_PROPERTIES},
         payload=payload,
     )
@@ -159,10 +160,17 @@ def _decode_v1(doc: dict[str, Any]) -> _Decoded:
         body=body,
         content_type=_field(doc, "content_type", str, "a string"),
         content_encoding=_field(doc, "content_encoding", str, "a string"),
-        headers=_field(doc, "headers", dict, "an object"),
+        headers=_stamped(_field(doc, "headers", dict, "an object")),
         properties=dict(_field(doc, "properties", dict, "an object")),
         payload=None,
     )
+
+
+def _stamped(headers: dict[str, Any]) -> dict[str, Any]:
+    """The decoded headers, stamped in place (rows staged before the stamp existed: see
+    :func:`~reliable_job.integrations.celery.message.stamped_head`)."""
+    headers.setdefault(stamp.HEADER, stamp.VALUE)
+    return headers
 
 
 def _route(doc: object) -> Route:

@@ -50,6 +50,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from reliable_job.errors import NotSerializableError, UnknownMessageFormat
+from reliable_job.integrations.celery import stamp
 
 FORMAT_VERSION = 2
 """The newest envelope version this release reads (and the one it writes)."""
@@ -222,7 +223,28 @@ def redis_parts(text: str) -> tuple[str, str] | None:
     split = text.find(PAYLOAD_KEY)
     if split < 0:
         return None
-    return text[:split] + "}", text[split + len(PAYLOAD_KEY) : -4]
+    return text[:split] + "}", stamped_head(text[split + len(PAYLOAD_KEY) : -4])
+
+
+_STAMP_TEXT = f'"{stamp.HEADER}": {stamp.VALUE}'
+_HEADERS_KEY = '"headers": {'
+
+
+def stamped_head(head: str) -> str:
+    """A v2 payload head whose headers carry the stamp (:mod:`.stamp`).
+
+    Staging stamps every message; rows staged before the stamp existed (reliable-job 0.1.0) are
+    stamped here as they are relayed, so the workers complete them. Text, not JSON: the stamp is
+    looked for, then spliced in after the first ``"headers": {`` (the payload's: the body before it
+    is base64, and a JSON string never holds an unescaped ``"``).
+    """
+    if _STAMP_TEXT in head:
+        return head
+    at = head.find(_HEADERS_KEY)
+    if at < 0:  # pragma: no cover - kombu always writes headers
+        return head
+    at += len(_HEADERS_KEY)
+    return head[:at] + _STAMP_TEXT + ("" if head.startswith("}", at) else ", ") + head[at:]
 
 
 def json_type(value: object) -> str:
@@ -244,8 +266,3 @@ def preview(value: object) -> str:
     """A value for an error message: its JSON type and at most 40 characters of it."""
     text = repr(value)
     return f"{json_type(value)} {text[:40]}{'...' if len(text) > 40 else ''}"
-
-
-def headers_task_id(headers: Mapping[str, Any]) -> str | None:
-    value = headers.get("id")
-    return value if isinstance(value, str) else None
