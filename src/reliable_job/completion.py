@@ -9,9 +9,9 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from reliable_job.ports import OutboxStore
+from reliable_job.ports import OutboxStore, StagedJob
 from reliable_job.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,42 @@ class Completion:
                 job_id,
                 extra={"reliable_job.job_id": job_id},
             )
+
+    def hand_off(
+        self,
+        job_id: str,
+        continuations: Sequence[StagedJob],
+        *,
+        error: str | None = None,
+        task_name: str | None = None,
+    ) -> bool:
+        """The job finished and messages were published on its behalf (a chain's next step,
+        callbacks, errbacks, a chord's body, its replacement): write them and finish its row in
+        one transaction on the outbox database (:meth:`~reliable_job.ports.OutboxStore.hand_off`),
+        at once (not batched). ``error`` is a final failure's: the row is buried with it when
+        ``preserve_dead_jobs``, else deleted.
+
+        Never raises: when the transaction fails the row stays ``sent``, so the job is delivered
+        again after ``redeliver_after`` and publishes its continuations then (a duplicate, never a
+        loss). Returns whether the hand-off was written.
+        """
+        try:
+            self.store.hand_off(
+                job_id,
+                continuations,
+                error=error if self.preserve_dead_jobs else None,
+                task_name=task_name,
+            )
+        except Exception:
+            logger.exception(
+                "could not hand job %s over to its %d continuations; its row stays and the job "
+                "will be delivered again after redeliver_after",
+                job_id,
+                len(continuations),
+                extra={"reliable_job.job_id": job_id},
+            )
+            return False
+        return True
 
     # -- the buffer ------------------------------------------------------------------------------
 

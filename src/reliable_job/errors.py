@@ -50,3 +50,22 @@ class MessageUnroutable(ReliableJobError):
     publish); the relay reports it as the row's failure instead of marking it sent, so it is
     retried with backoff and then set dead with this error, never lost unseen.
     """
+
+
+class DuplicateJobError(StagingError):
+    """A job with this id is already in the outbox (pending, sent, dead, or not yet deleted after
+    it completed): staging it again would silently never run it.
+
+    Raised at the call site; nothing was written for the ids in ``job_ids`` and the caller's
+    transaction stays usable (the other jobs of the same call, if any, were staged in it). Celery's
+    retries of a running job and the hand-off of a finished job's continuations (``Task.replace``)
+    reuse an id legitimately and never raise it.
+    """
+
+    def __init__(self, job_ids: list[str]) -> None:
+        self.job_ids = job_ids
+        shown = ", ".join(job_ids[:5]) + (f" and {len(job_ids) - 5} more" if len(job_ids) > 5 else "")
+        super().__init__(
+            f"a job with id {shown} is already in the outbox: not staged again (choose another "
+            "task_id, or wait until that job has completed)"
+        )

@@ -88,6 +88,25 @@ class OutboxStore(Protocol):
     def bury(self, job_id: str, error: str) -> int:
         """Set the job's row dead with ``error``; return how many rows changed."""
 
+    def hand_off(
+        self,
+        job_id: str,
+        jobs: Sequence[StagedJob],
+        *,
+        error: str | None = None,
+        task_name: str | None = None,
+    ) -> None:
+        """A finished job hands over to its continuations, atomically: in one transaction on the
+        outbox database, insert ``jobs`` (the messages published on the job's behalf: the next
+        step of a chain, callbacks, a replacement) and delete the job's row, or set it dead with
+        ``error`` when given. One of ``jobs`` may carry ``job_id`` itself (``Task.replace``): it
+        takes the row's place. Any other id already in the outbox is kept as it is (a rerun of the
+        job handing off again). ``task_name`` is the finished job's task (a layer with several
+        databases finds the job's one by it).
+
+        Raises when the transaction fails: then nothing changed (the row stays and the job is
+        delivered again)."""
+
     def status(self) -> OutboxStatus: ...
 
     def retry_dead(self) -> int:

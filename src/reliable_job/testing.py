@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from reliable_job.errors import BrokerUnavailable
+from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable, DuplicateJobError
 from reliable_job.ports import ClaimedRow, OutboxStatus, OutboxWriter, StagedJob
 from reliable_job.schema import DEAD, PENDING, SENT
 from reliable_job.settings import Settings
@@ -70,6 +70,7 @@ class InMemoryStore:
         self._locked: set[int] = set()
         self._lock = threading.Lock()
         self.closed = 0
+        self.fail_hand_offs = 0
         self.stager = Stager(settings or Settings(), adapt=self._adapt, own_transaction=self._writer)
 
     def _adapt(self, target: object, explicit: bool) -> OutboxWriter:
@@ -88,13 +89,48 @@ class InMemoryStore:
         self.closed += 1
 
     def write(self, jobs: Sequence[StagedJob]) -> None:
-        """Stage ``jobs`` (what :attr:`stager` does): a job id already present is ignored."""
+        """Stage ``jobs`` (what :attr:`stager` does). An id already present is not written and
+        raises :class:`~reliable_job.errors.DuplicateJobError` once the others are."""
         with self._lock:
-            known = {r.job.job_id for r in self.rows.values()}
-            for job in jobs:
-                if job.job_id not in known:
-                    row_id = next(self._ids)
-                    self.rows[row_id] = FakeRow(row_id, job)
+            conflicts = self._insert(jobs)
+        if conflicts:
+            raise DuplicateJobError(conflicts)
+
+    def _insert(self, jobs: Sequence[StagedJob]) -> list[str]:
+        """Insert the jobs whose id is free (the lock held); return the others' ids."""
+        known = {r.job.job_id for r in self.rows.values()}
+        conflicts = []
+        for job in jobs:
+            if job.job_id in known:
+                conflicts.append(job.job_id)
+                continue
+            known.add(job.job_id)
+            row_id = next(self._ids)
+            self.rows[row_id] = FakeRow(row_id, job)
+        return conflicts
+
+    def hand_off(
+        self,
+        job_id: str,
+        jobs: Sequence[StagedJob],
+        *,
+        error: str | None = None,
+        task_name: str | None = None,
+    ) -> None:
+        """Finish ``job_id``'s row (deleted, or dead with ``error``) and insert ``jobs`` (ids
+        already present kept as they are), at once. Set ``fail_hand_offs`` to make the next ones
+        raise (nothing changes)."""
+        with self._lock:
+            if self.fail_hand_offs > 0:
+                self.fail_hand_offs -= 1
+                raise DatabaseUnavailable("hand-off failed (fake)")
+            for i, r in list(self.rows.items()):
+                if r.job.job_id == job_id:
+                    if error is None:
+                        del self.rows[i]
+                    else:
+                        r.state, r.last_error = DEAD, error
+            self._insert(jobs)
 
     @contextmanager
     def claim(self, limit: int) -> Iterator[_FakeClaim]:

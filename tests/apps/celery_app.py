@@ -122,3 +122,70 @@ def plain_step(self, marker, *_):
 def plain_fail(self, marker, *_):
     _record(self.request.id, marker)
     raise ValueError(f"boom {marker}")
+
+
+# -- hand-offs (tests/e2e/test_e2e_handoff.py) --------------------------------------------------
+
+
+@app.task(bind=True, reliable_job=True)
+def replace_with_chain(self, marker):
+    """Replaced by ``record(b) | record(c)``: Celery gives ``c`` this task's id."""
+    _record(self.request.id, marker)
+    return self.replace(record.si(f"{marker}:b") | record.si(f"{marker}:c"))
+
+
+@app.task(bind=True, reliable_job=True)
+def replace_with_one(self, marker):
+    """Replaced by ``record(b)``, which takes this task's id."""
+    _record(self.request.id, marker)
+    return self.replace(record.si(f"{marker}:b"))
+
+
+@app.task(bind=True, reliable_job=True)
+def ignore_after_record(self, marker):
+    from celery.exceptions import Ignore
+
+    _record(self.request.id, marker)
+    raise Ignore()
+
+
+@app.task(bind=True, reliable_job=True)
+def reject_after_record(self, marker, requeue=False):
+    from celery.exceptions import Reject
+
+    _record(self.request.id, marker)
+    raise Reject(f"rejected {marker}", requeue=requeue)
+
+
+@app.task(bind=True, reliable_job=True)
+def leave_session_open(self, marker):
+    """Leaves the session provider's session inside a transaction (rolled back by the
+    ``task_postrun`` teardown below, as Flask-SQLAlchemy's app-context teardown does)."""
+    from sqlalchemy import text
+
+    _record(self.request.id, marker)
+    assert _session is not None
+    _session.execute(text("SELECT 1"))
+
+
+def _raising_session():
+    """Flask-SQLAlchemy's ``db.session`` outside an application context."""
+    raise RuntimeError("Working outside of application context.")
+
+
+_session = None
+_SESSION_PROVIDER = os.environ.get("RJ_TEST_SESSION_PROVIDER")
+if _SESSION_PROVIDER == "raises":
+    runtime = install(app, session=_raising_session)
+elif _SESSION_PROVIDER == "leaky":
+    from celery import signals
+    from sqlalchemy.orm import scoped_session, sessionmaker
+
+    from reliable_job.integrations.sqlalchemy import create_outbox_engine as _outbox_engine
+
+    _session = scoped_session(sessionmaker(_outbox_engine(runtime.settings.database_url)))
+    runtime = install(app, session=_session)
+
+    @signals.task_postrun.connect(weak=False)
+    def _teardown(**_):
+        _session.remove()  # rolls back what the task left open

@@ -190,11 +190,15 @@ def test_bind_a_block_to_an_alias(runtime):
 
 
 def test_same_task_id_is_staged_once(runtime, alias_task):
-    """Like the SQLAlchemy writer: ON CONFLICT DO NOTHING on the job id."""
+    """Like the SQLAlchemy writer: ON CONFLICT DO NOTHING on the job id (issue 9: the second
+    call raises DuplicateJobError, the transaction commits)."""
+    from reliable_job.errors import DuplicateJobError
+
     alias, task = alias_task
     with transaction.atomic(using=alias):
         task.apply_async(("first",), task_id="same-id")
-        task.apply_async(("second",), task_id="same-id")
+        with pytest.raises(DuplicateJobError):
+            task.apply_async(("second",), task_id="same-id")
     assert outbox(alias) == [(task.name, "pending", "same-id")]
 
 

@@ -150,12 +150,15 @@ def test_unserializable_arguments_raise_at_the_call(celery_app, engine, outbox):
 
 
 def test_same_task_id_twice_is_staged_once(celery_app, engine, outbox):
-    """The task id is the row's key: staging it again does not fail the caller's transaction."""
+    """The task id is the row's key: staging it again does not fail the caller's transaction
+    (issue 9: it raises DuplicateJobError at the call instead of vanishing silently)."""
+    from reliable_job.errors import DuplicateJobError
     from tests.apps.celery_app import record
 
     with Session(engine) as session:
         record.apply_async(("a",), task_id="same-id", reliable_job_session=session)
-        record.apply_async(("a",), task_id="same-id", reliable_job_session=session)
+        with pytest.raises(DuplicateJobError):
+            record.apply_async(("a",), task_id="same-id", reliable_job_session=session)
         session.commit()
     assert [r.job_id for r in rows(engine, outbox)] == ["same-id"]
 

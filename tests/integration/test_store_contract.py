@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import update
 
 from reliable_job import Settings
+from reliable_job.errors import DuplicateJobError
 from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase
 from reliable_job.ports import StagedJob
 from reliable_job.testing import InMemoryStore
@@ -166,10 +167,85 @@ def test_complete_many_deletes_every_listed_row_in_one_call(store):
 
 
 def test_staging_the_same_job_id_twice_keeps_one_row(store):
-    """The job id is unique: a second staging of it is ignored."""
+    """The job id is unique: a second staging of it writes nothing and raises DuplicateJobError
+    (issue 9: never silent)."""
     stage(store, [job(0)])
-    stage(store, [job(0)])
+    with pytest.raises(DuplicateJobError) as raised:
+        stage(store, [job(0)])
+    assert raised.value.job_ids == ["job-0"]
     assert store.status().pending == 1
+
+
+@pytest.mark.parametrize("state", ["pending", "sent", "dead"])
+def test_a_batch_names_the_ids_already_in_the_outbox(store, state):
+    """Several jobs at once: the ids already there (in any state, or twice in the batch) are
+    named; the others are staged."""
+    stage(store, [job(1)])
+    if state != "pending":
+        with store.claim(10) as claim:
+            if state == "sent":
+                claim.mark_sent([r.id for r in claim.rows])
+            else:
+                claim.mark_failed(claim.rows[0], "boom", retry_in=None)
+    with pytest.raises(DuplicateJobError) as raised:
+        stage(store, [job(0), job(1), job(2), job(2)])
+    assert raised.value.job_ids == ["job-1", "job-2"]
+    status = store.status()
+    assert status.pending + status.sent + status.dead == 3
+
+
+def job_ids(store):
+    if isinstance(store, InMemoryStore):
+        return sorted((r.job.job_id, r.state, r.job.message) for r in store.rows.values())
+    t = store.table
+    with store.engine.connect() as conn:
+        return sorted(
+            tuple(r) for r in conn.execute(t.select().with_only_columns(t.c.job_id, t.c.state, t.c.message))
+        )
+
+
+def test_hand_off_replaces_the_row_with_its_continuations(store):
+    """A finished job hands off: its row goes, its continuations are in, the one carrying its own
+    id (Task.replace) included; an id already in the outbox (a rerun's) is kept as it was."""
+    stage(store, [job(0), job(9)])
+    with store.claim(10) as claim:
+        claim.mark_sent([r.id for r in claim.rows])
+    replacement = StagedJob("job-0", "task", "celery", '{"replaced": true}')
+    store.hand_off(
+        "job-0", [replacement, job(1), StagedJob("job-9", "task", "celery", "{}")], task_name="task"
+    )
+    assert job_ids(store) == [
+        ("job-0", "pending", '{"replaced": true}'),
+        ("job-1", "pending", '{"n": 1}'),
+        ("job-9", "sent", '{"n": 9}'),
+    ]
+
+
+def test_hand_off_of_a_failure_buries_the_row(store):
+    """With an error the row is set dead (preserve_dead_jobs) and the errbacks are in."""
+    stage(store, [job(0)])
+    store.hand_off("job-0", [job(1)], error="ValueError: boom")
+    assert job_ids(store) == [("job-0", "dead", '{"n": 0}'), ("job-1", "pending", '{"n": 1}')]
+    assert last_error(store, "job-0") == "ValueError: boom"
+
+
+def test_a_failed_hand_off_changes_nothing(store):
+    """One transaction: when the insert fails, the row is still there (it is delivered again)."""
+    stage(store, [job(0)])
+    if isinstance(store, InMemoryStore):
+        store.fail_hand_offs = 1
+    bad = StagedJob("x" * 300, "task", "celery", "{}")  # longer than job_id's column (PostgreSQL)
+    if store_kind(store) == "sqlite":
+        bad = StagedJob("job-1", "task", "celery", None)  # type: ignore[arg-type]  # NOT NULL
+    with pytest.raises(Exception):
+        store.hand_off("job-0", [bad])
+    assert [r[0] for r in job_ids(store)] == ["job-0"]
+
+
+def store_kind(store):
+    if isinstance(store, InMemoryStore):
+        return "memory"
+    return store.engine.dialect.name
 
 
 def test_requeue_unfinished(store):

@@ -24,7 +24,7 @@ from kombu.utils.uuid import uuid
 
 from reliable_job.completion import Completion
 from reliable_job.errors import ConfigurationError, NotSerializableError, StagingError
-from reliable_job.integrations.celery import canvas
+from reliable_job.integrations.celery import canvas, handoff
 from reliable_job.integrations.celery.capture import CapturingProducer
 from reliable_job.integrations.celery.config import load_settings
 from reliable_job.integrations.celery.stamp import is_stamped, stamp
@@ -88,6 +88,11 @@ class CeleryIntegration:
     def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         assert self._send_task is not None
         target = options.pop(SESSION_OPTION, None)
+        if target is None:
+            # In a worker: a message published on behalf of a running staged job (handoff.py).
+            held = handoff.continuation_of(self, options.get("task_id"), options)
+            if held is not None:
+                return handoff.capture(self, held, name, args, kwargs, options)
         if not self.is_staged(name, args, kwargs, options):
             return self._send_task(name, args, kwargs, **options)
         task_id = options.get("task_id") or uuid()

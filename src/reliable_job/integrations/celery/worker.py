@@ -7,8 +7,9 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from celery import bootsteps, signals
+from celery import bootsteps, signals, states
 
+from reliable_job.integrations.celery import handoff
 from reliable_job.integrations.celery.stamp import is_stamped
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def _request_of(task: Any, task_id: str | None) -> Any:
 
 def _on_success(sender: Any = None, **_: Any) -> None:
     runtime = _runtime_for(sender, sender.request if sender is not None else None)
-    if runtime is not None:
+    if runtime is not None and not handoff.holds(sender.request):  # else _on_postrun hands off
         runtime.completion.succeeded(sender.request.id)
 
 
@@ -88,8 +89,58 @@ def _on_failure(
     sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_: Any
 ) -> None:
     runtime = _runtime_for(sender, _request_of(sender, task_id))
-    if runtime is not None and task_id:
-        runtime.completion.failed(task_id, f"{type(exception).__name__}: {exception}")
+    if runtime is not None and task_id and not handoff.holds(sender.request):
+        runtime.completion.failed(task_id, _error(exception))
+
+
+def _error(exception: BaseException | None) -> str:
+    return f"{type(exception).__name__}: {exception}"
+
+
+def _on_postrun(
+    sender: Any = None, task_id: str | None = None, state: str | None = None, retval: Any = None, **_: Any
+) -> None:
+    """The end of a task's trace, whatever its outcome: hand a staged job's row over to the
+    continuations held for it (one transaction), and finish the rows of jobs that ended with
+    ``Ignore`` or ``Reject`` (``task_success``/``task_failure`` do not fire for those).
+
+    - success, or ``Ignore`` (``Task.replace`` raises it after publishing the replacement): the
+      row is deleted and the continuations inserted;
+    - failure, or ``Reject(requeue=False)``: the same, the row buried instead with
+      ``preserve_dead_jobs``;
+    - retry, or ``Reject(requeue=True)``: the row stays ``sent`` (the job runs again and publishes
+      its continuations then); whatever was held is dropped.
+    """
+    if sender is None or task_id is None:
+        return
+    held = handoff.release(sender.request)
+    runtime = _runtime_for(sender, sender.request)
+    if runtime is None or getattr(sender.request, "is_eager", False):
+        return
+    jobs = held.jobs if held is not None else []
+    rejected = state == states.REJECTED
+    error: str | None = None
+    if state == states.FAILURE:
+        error = _error(retval if isinstance(retval, BaseException) else None)
+    elif rejected and not getattr(retval, "requeue", False):
+        error = f"Reject: {getattr(retval, 'reason', None) or retval!r}"
+    elif state not in (states.SUCCESS, states.IGNORED):  # retry, Reject(requeue=True)
+        if jobs:
+            logger.info(
+                "job %s ends in %s: its row stays, and the %d messages published on its behalf "
+                "are published again when it runs again",
+                task_id,
+                state,
+                len(jobs),
+                extra={"reliable_job.job_id": task_id},
+            )
+        return
+    if jobs:
+        runtime.completion.hand_off(task_id, jobs, error=error, task_name=sender.name)
+    elif state == states.IGNORED:
+        runtime.completion.succeeded(task_id)
+    elif rejected:
+        runtime.completion.failed(task_id, error or "Reject")
 
 
 def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
@@ -126,6 +177,7 @@ def connect_worker(app: Any) -> None:
         signals.task_success.connect(_on_success, weak=False)
         signals.task_failure.connect(_on_failure, weak=False)
         signals.task_revoked.connect(_on_revoked, weak=False)
+        signals.task_postrun.connect(_on_postrun, weak=False)
         signals.worker_process_shutdown.connect(_flush_completions, weak=False)
         signals.worker_shutdown.connect(_flush_completions, weak=False)
         _connected = True

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from reliable_job.errors import ConfigurationError, StagingError
+from reliable_job.errors import ConfigurationError, DuplicateJobError, StagingError
 from reliable_job.integrations.django.conf import DjangoOptions
 from reliable_job.ports import OutboxStatus, OutboxWriter, StagedJob
-from reliable_job.schema import notify_channel
+from reliable_job.schema import notify_channel, validate_table_name
 from reliable_job.settings import Settings
 from reliable_job.staging import Stager
 
@@ -126,24 +127,11 @@ class DjangoWriter:
         for job in jobs:
             alias = self._alias or self._alias_for(job.task_name)
             groups.setdefault(alias, []).append(job)
-        now = _utc(datetime.now(timezone.utc))
+        conflicts: list[str] = []
         for alias, group in groups.items():
-            rows = [
-                OutboxJob(
-                    job_id=j.job_id,
-                    task_name=j.task_name,
-                    queue=j.queue,
-                    message=j.message,
-                    eta=_utc(j.eta),
-                    created_at=now,
-                    updated_at=now,
-                )
-                for j in group
-            ]
+            connection = connections[alias]
             try:
-                # ON CONFLICT DO NOTHING, parameters bound, on this alias's connection.
-                OutboxJob.objects.using(alias).bulk_create(rows, ignore_conflicts=True)
-                connection = connections[alias]
+                conflicts += _insert(connection, group)
                 if connection.vendor == "postgresql" and self._notify_due():
                     # Wakes the relays when this transaction commits (see Stager.notify_due).
                     with connection.cursor() as cursor:
@@ -153,6 +141,55 @@ class DjangoWriter:
                     f"cannot write to the outbox table {OutboxJob._meta.db_table!r} of database "
                     f"{alias!r}: {' '.join(str(exc).split())} (did you run `manage.py migrate`?)"
                 ) from exc
+        if conflicts:
+            raise DuplicateJobError(conflicts)
+
+
+def _insert(connection: Any, jobs: Sequence[StagedJob]) -> list[str]:
+    """``INSERT ... ON CONFLICT (job_id) DO NOTHING RETURNING job_id`` of ``jobs`` on ``connection``
+    (in its current atomic block, if any), one statement; return the ids that were already in the
+    outbox. A conflict is no database error: the caller's transaction stays usable (``bulk_create
+    (ignore_conflicts=True)`` would not tell which rows it skipped).
+
+    Values are prepared by the model's fields (time zones, each backend's adaptation) and bound;
+    the table and column names come from the model (the table name is validated by ``conf``).
+    """
+    from reliable_job.integrations.django.models import OutboxJob
+
+    now = _utc(datetime.now(timezone.utc))
+    fields = [f for f in OutboxJob._meta.concrete_fields if not f.primary_key]
+    quote = connection.ops.quote_name
+    params: list[Any] = []
+    for j in jobs:
+        obj = OutboxJob(
+            job_id=j.job_id,
+            task_name=j.task_name,
+            queue=j.queue,
+            message=j.message,
+            eta=_utc(j.eta),
+            created_at=now,
+            updated_at=now,
+        )
+        params += [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
+    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    table = validate_table_name(OutboxJob._meta.db_table)
+    columns = ", ".join(quote(f.column) for f in fields)
+    # Identifiers only: the validated table name and the model's own columns; values are bound.
+    sql = (
+        f"INSERT INTO {quote(table)} ({columns}) "  # noqa: S608
+        f"VALUES {', '.join([row] * len(jobs))} "
+        f"ON CONFLICT ({quote('job_id')}) DO NOTHING RETURNING {quote('job_id')}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        inserted = Counter(r[0] for r in cursor.fetchall())
+    conflicts = []
+    for j in jobs:
+        if inserted[j.job_id] > 0:
+            inserted[j.job_id] -= 1
+        else:
+            conflicts.append(j.job_id)
+    return conflicts
 
 
 class DjangoOutbox:
@@ -257,6 +294,19 @@ class DjangoOutbox:
 
     def complete_many(self, job_ids: Sequence[str]) -> int:
         return self._total(lambda store: store.complete_many(job_ids), until=len(job_ids))
+
+    def hand_off(
+        self,
+        job_id: str,
+        jobs: Sequence[StagedJob],
+        *,
+        error: str | None = None,
+        task_name: str | None = None,
+    ) -> None:
+        """On the finished job's alias (its task's ``reliable_job_database``, else the configured
+        database): one transaction there holds the job's row and its continuations."""
+        alias = self.alias_for(task_name) if task_name else self.options.database
+        self.store(alias).hand_off(job_id, jobs, error=error, task_name=task_name)
 
     def bury(self, job_id: str, error: str) -> int:
         return self._total(lambda store: store.bury(job_id, error), until=1)

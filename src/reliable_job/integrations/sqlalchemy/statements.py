@@ -205,6 +205,15 @@ class OutboxStatements:
             self._inserts[(dialect, notify)] = stmt
         return stmt
 
+    def insert_returning(self, dialect: str, notify: bool = False) -> Insert:
+        """:meth:`insert` returning the ``job_id`` of each row it inserted: a batch of several jobs
+        tells which ids were already in the outbox (``ON CONFLICT DO NOTHING`` skipped them)."""
+        key = (f"{dialect}+returning", notify)
+        stmt = self._inserts.get(key)
+        if stmt is None:
+            stmt = self._inserts[key] = self.insert(dialect, notify).returning(self.table.c.job_id)
+        return stmt
+
     def driver_insert(self, dialect: Dialect, notify: bool) -> tuple[str, dict[str, Any]]:
         """The staging INSERT of :meth:`insert` as the driver's SQL text, compiled once per
         dialect: named parameters (the keys of :meth:`rows`) plus the statement's constant ones

@@ -25,7 +25,7 @@ from reliable_job.integrations.sqlalchemy.listen import PostgresListener, postgr
 from reliable_job.integrations.sqlalchemy.statements import CLAIM_PLAN, OutboxStatements, utcnow
 from reliable_job.integrations.sqlalchemy.table import outbox_table
 from reliable_job.integrations.sqlalchemy.writers import sqlalchemy_stager
-from reliable_job.ports import OutboxStatus
+from reliable_job.ports import OutboxStatus, StagedJob
 from reliable_job.settings import Settings
 
 if TYPE_CHECKING:
@@ -111,6 +111,28 @@ class SQLAlchemyDatabase:
         # the process keeps (no pool checkout, ping, BEGIN or COMMIT round trips).
         delete = self.statements.delete_any_job
         return self._completion.run(lambda conn: conn.execute(delete, {"job_ids": ids}).rowcount)
+
+    def hand_off(
+        self,
+        job_id: str,
+        jobs: Sequence[StagedJob],
+        *,
+        error: str | None = None,
+        task_name: str | None = None,
+    ) -> None:
+        """One transaction on the outbox database: the finished job's row goes (deleted, or dead
+        with ``error``), then its continuations are inserted (``ON CONFLICT DO NOTHING``: an id
+        already there is a rerun's, kept; the job's own id, freed first, takes the row's place)."""
+        dialect = self.engine.dialect.name
+        notify = dialect == "postgresql" and bool(jobs) and self.stager.notify_due()
+        with unavailable_as_error(), self.engine.begin() as conn:
+            if error is None:
+                conn.execute(self.statements.delete_jobs, {"job_ids": [job_id]})
+            else:
+                params = {"target_job_id": job_id, "error": error, "now": utcnow()}
+                conn.execute(self.statements.bury, params)
+            if jobs:
+                conn.execute(self.statements.insert(dialect, notify), self.statements.rows(jobs, notify))
 
     def bury(self, job_id: str, error: str) -> int:
         with unavailable_as_error(), self.engine.begin() as conn:

@@ -3,14 +3,16 @@ transaction of their own; and the :class:`~reliable_job.staging.Stager` that pic
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, scoped_session
 
-from reliable_job.errors import ConfigurationError, StagingError
+from reliable_job.errors import ConfigurationError, DuplicateJobError, StagingError
 from reliable_job.integrations.sqlalchemy.statements import OutboxStatements
 from reliable_job.ports import OutboxWriter, StagedJob
 from reliable_job.settings import Settings
@@ -98,13 +100,16 @@ class SessionWriter:
                 params = [{**constants, **row} for row in rows] if constants else rows
                 driver = conn.connection.driver_connection
                 assert driver is not None
-                with driver.cursor() as cursor:
-                    if len(params) == 1:
+                if len(params) == 1:
+                    with driver.cursor() as cursor:
                         cursor.execute(sql, params[0])
-                    else:
-                        cursor.executemany(sql, params)
-                return
-            self._target.execute(self._sql.insert(self._dialect, notify), rows)
+                        inserted = cursor.rowcount
+                    if inserted == 0:  # ON CONFLICT DO NOTHING: the id is taken
+                        raise DuplicateJobError([jobs[0].job_id])
+                    return
+            conflicts = insert_rows(self._target, self._sql, self._dialect, notify, jobs, rows)
+        if conflicts:
+            raise DuplicateJobError(conflicts)
 
 
 class OwnTransactionWriter:
@@ -118,8 +123,37 @@ class OwnTransactionWriter:
     def write(self, jobs: Sequence[StagedJob]) -> None:
         dialect = self._engine.dialect.name
         notify = dialect == "postgresql" and self._notify_due()
+        rows = self._sql.rows(jobs, notify)
         with staging_errors(self._engine, self._sql), self._engine.begin() as conn:
-            conn.execute(self._sql.insert(dialect, notify), self._sql.rows(jobs, notify))
+            conflicts = insert_rows(conn, self._sql, dialect, notify, jobs, rows)
+        if conflicts:  # raised once the other jobs of the call are committed
+            raise DuplicateJobError(conflicts)
+
+
+def insert_rows(
+    target: Session | Connection,
+    statements: OutboxStatements,
+    dialect: str,
+    notify: bool,
+    jobs: Sequence[StagedJob],
+    rows: list[dict[str, Any]],
+) -> list[str]:
+    """Insert ``rows`` (the staging INSERT, ``ON CONFLICT DO NOTHING``) in ``target``'s
+    transaction in one statement; return the ids of ``jobs`` that were already in the outbox.
+
+    A conflict is no database error, so the caller's transaction stays usable (on PostgreSQL an
+    error would abort it). ``RETURNING job_id`` tells which rows went in, in the same statement
+    (SQLAlchemy would add ``RETURNING id`` anyway on PostgreSQL).
+    """
+    stmt = statements.insert_returning(dialect, notify)
+    inserted = Counter(target.execute(stmt, rows[0] if len(rows) == 1 else rows).scalars())
+    conflicts = []
+    for job in jobs:
+        if inserted[job.job_id] > 0:
+            inserted[job.job_id] -= 1
+        else:
+            conflicts.append(job.job_id)
+    return conflicts
 
 
 @contextmanager
