@@ -26,6 +26,7 @@ from reliable_job.completion import Completion
 from reliable_job.errors import ConfigurationError, NotSerializableError, StagingError
 from reliable_job.integrations.celery.capture import CapturingProducer
 from reliable_job.integrations.celery.config import load_settings
+from reliable_job.integrations.celery.retry import postpone_retry
 from reliable_job.ports import OutboxDatabase, OutboxStore, StagedJob
 from reliable_job.relay import Relay, RelayGroup
 from reliable_job.settings import Settings
@@ -80,7 +81,9 @@ class CeleryIntegration:
         task_id = options.get("task_id") or uuid()
         parent = self.app.current_worker_task
         if parent is not None and parent.request.id == task_id:
-            # Celery re-publishing a job that is already in the outbox (a retry): not staged again.
+            # Celery re-publishing a job that is already in the outbox (a retry): not staged again;
+            # its row's due time moves to the retry's first (integrations/celery/retry.py).
+            postpone_retry(self.database, task_id, options)
             return self._send_task(name, args, kwargs, **options)
         options["task_id"] = task_id
         options.pop("connection", None)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from reliable_job.errors import ConfigurationError, StagingError
 from reliable_job.integrations.django.conf import DjangoOptions
-from reliable_job.ports import OutboxStatus, OutboxWriter, StagedJob
+from reliable_job.ports import OutboxStatus, OutboxWriter, StagedJob, as_utc
 from reliable_job.schema import notify_channel
 from reliable_job.settings import Settings
 from reliable_job.staging import Stager
@@ -95,14 +95,24 @@ def engine_url(alias: str) -> URL:
     )
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """Aware UTC for ``USE_TZ = True``; naive UTC otherwise (what SQLAlchemy's store writes)."""
+def _utc(value: datetime | None, connection: Any) -> datetime | None:
+    """``value`` (naive: UTC) as Django must be handed it for ``connection``'s column to hold the
+    UTC instant, whatever ``USE_TZ`` and ``TIME_ZONE`` (the SQLAlchemy store compares UTC):
+
+    - PostgreSQL (``timestamptz``): aware UTC. psycopg sends the offset, so neither the session's
+      time zone (``TIME_ZONE`` when ``USE_TZ = False``) nor ``USE_TZ`` moves it;
+    - SQLite (no offset stored; read back as UTC): the UTC wall time. With ``USE_TZ = False``
+      naive; with ``USE_TZ = True`` Django stores an aware value's wall time in the connection's
+      zone (``DATABASES[alias]["TIME_ZONE"]``, UTC by default), so it gets the UTC wall time
+      labelled with that zone.
+    """
     from django.conf import settings
 
-    if value is None:
-        return None
-    value = value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return value if settings.USE_TZ else value.replace(tzinfo=None)
+    utc = as_utc(value)
+    if utc is None or connection.vendor == "postgresql":
+        return utc
+    wall = utc.replace(tzinfo=None)
+    return wall.replace(tzinfo=connection.timezone) if settings.USE_TZ else wall
 
 
 class DjangoWriter:
@@ -126,15 +136,17 @@ class DjangoWriter:
         for job in jobs:
             alias = self._alias or self._alias_for(job.task_name)
             groups.setdefault(alias, []).append(job)
-        now = _utc(datetime.now(timezone.utc))
+        utcnow = datetime.now(timezone.utc)
         for alias, group in groups.items():
+            connection = connections[alias]
+            now = _utc(utcnow, connection)
             rows = [
                 OutboxJob(
                     job_id=j.job_id,
                     task_name=j.task_name,
                     queue=j.queue,
                     message=j.message,
-                    eta=_utc(j.eta),
+                    eta=_utc(j.eta, connection),
                     created_at=now,
                     updated_at=now,
                 )
@@ -143,7 +155,6 @@ class DjangoWriter:
             try:
                 # ON CONFLICT DO NOTHING, parameters bound, on this alias's connection.
                 OutboxJob.objects.using(alias).bulk_create(rows, ignore_conflicts=True)
-                connection = connections[alias]
                 if connection.vendor == "postgresql" and self._notify_due():
                     # Wakes the relays when this transaction commits (see Stager.notify_due).
                     with connection.cursor() as cursor:
@@ -270,6 +281,9 @@ class DjangoOutbox:
             dead=sum(s.dead for s in statuses),
             oldest_pending_seconds=max(ages) if ages else None,
         )
+
+    def postpone(self, job_id: str, due: datetime) -> int:
+        return self._total(lambda store: store.postpone(job_id, due), until=1)
 
     def retry_dead(self, alias: str | None = None) -> int:
         return sum(store.retry_dead() for store in self._each(alias))
