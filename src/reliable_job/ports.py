@@ -9,8 +9,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Protocol
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """``value`` as an aware UTC datetime: an aware one converted, a naive one taken as UTC (as
+    Celery's worker reads a naive eta). Every time the outbox stores is UTC: SQLite keeps no
+    offset, so a value in another zone would be compared by its wall time."""
+    if value is None or value.tzinfo is timezone.utc:
+        return value
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -23,7 +34,12 @@ class StagedJob:
     message: str
     """The finished broker message, JSON text. The relay publishes it without re-encoding."""
     eta: datetime | None = None
-    """When the job is due, for countdown/eta jobs (redelivery waits for it)."""
+    """When the job is due, for countdown/eta jobs (redelivery waits for it): aware UTC (given in
+    another zone, it is converted; naive, it is taken as UTC)."""
+
+    def __post_init__(self) -> None:
+        if self.eta is not None and self.eta.tzinfo is not timezone.utc:
+            object.__setattr__(self, "eta", as_utc(self.eta))
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,12 @@ class OutboxStore(Protocol):
         delivered again)."""
 
     def status(self) -> OutboxStatus: ...
+
+    def postpone(self, job_id: str, due: datetime) -> int:
+        """The job was published again under its own id to run at ``due`` (a Celery retry waiting
+        in the worker): set its row's ``eta`` to ``due`` (UTC) and its ``sent_at`` to now, in a
+        short transaction of its own, so redelivery waits for ``due`` plus ``redeliver_after``.
+        A dead row is left alone. Returns how many rows changed."""
 
     def retry_dead(self) -> int:
         """Put every dead row back to pending; return how many."""

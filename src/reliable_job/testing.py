@@ -10,7 +10,8 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable, DuplicateJobError
@@ -194,6 +195,13 @@ class InMemoryStore:
                 else:
                     r.state, r.available_at, requeued = PENDING, 0.0, requeued + 1
         return requeued, dead
+
+    def postpone(self, job_id: str, due: datetime) -> int:
+        with self._lock:
+            hit = [r for r in self.rows.values() if r.job.job_id == job_id and r.state != DEAD]
+            for r in hit:
+                r.job, r.sent_at = replace(r.job, eta=due), time.time()
+            return len(hit)
 
     def retry_dead(self) -> int:
         with self._lock:

@@ -23,6 +23,9 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_transport_options={"socket_timeout": 5, "socket_connect_timeout": 2},
 )
+if os.environ.get("RJ_TEST_TIMEZONE"):  # Celery's time zone (tests/e2e/test_e2e_time_zones.py)
+    app.conf.timezone = os.environ["RJ_TEST_TIMEZONE"]
+    app.conf.enable_utc = os.environ.get("RJ_TEST_ENABLE_UTC", "1") == "1"
 if os.environ.get("RJ_TEST_RESULT_BACKEND"):
     app.conf.result_backend = os.environ["RJ_TEST_RESULT_BACKEND"]
 runtime = install(app)

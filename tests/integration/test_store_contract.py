@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import update
@@ -263,6 +264,64 @@ def test_requeue_unfinished(store):
     age_sent(store, 120)
     assert store.requeue_unfinished(60, 2) == (0, 2), "delivered twice already: dead"
     assert store.status().dead == 2
+
+
+def stored_eta(store, job_id):
+    """The row's eta as aware UTC (SQLite gives it back naive: UTC)."""
+    if isinstance(store, InMemoryStore):
+        (row,) = [r for r in store.rows.values() if r.job.job_id == job_id]
+        return row.job.eta
+    t = store.table
+    with store.engine.connect() as conn:
+        value = conn.execute(t.select().with_only_columns(t.c.eta).where(t.c.job_id == job_id)).scalar()
+    return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+
+
+def test_etas_in_any_time_zone_are_stored_and_compared_as_utc(store):
+    """An eta given in a zone west or east of UTC is the same instant in the store: redelivery
+    waits for it (SQLite keeps no offset: a wall time would be hours off)."""
+    now = datetime.now(timezone.utc)
+    west = (now + timedelta(hours=1)).astimezone(ZoneInfo("America/Los_Angeles"))  # not due
+    east = (now - timedelta(hours=1)).astimezone(ZoneInfo("Asia/Tokyo"))  # due
+    naive = (now - timedelta(hours=1)).replace(tzinfo=None)  # naive is UTC, as Celery reads it: due
+    stage(store, [job(0, eta=west), job(1, eta=east), job(2, eta=naive)])
+    assert stored_eta(store, "job-0") == west
+    assert stored_eta(store, "job-1") == east
+    assert stored_eta(store, "job-2") == naive.replace(tzinfo=timezone.utc)
+    with store.claim(10) as claim:
+        claim.mark_sent([r.id for r in claim.rows])
+    age_sent(store, 120)
+    assert store.requeue_unfinished(60, 5) == (2, 0)
+    with store.claim(10) as claim:
+        assert sorted(r.job_id for r in claim.rows) == ["job-1", "job-2"]
+
+
+def test_postpone_moves_a_retried_jobs_due_time(store):
+    """``postpone`` (a Celery retry waiting in the worker): the row's eta becomes the retry's and
+    its sent_at now, so redelivery waits for the retry's eta; dead and unknown rows are left."""
+    now = datetime.now(timezone.utc)
+    stage(store, [job(0), job(1), job(2)])
+    with store.claim(10) as claim:
+        claim.mark_sent([r.id for r in claim.rows])
+    store.bury("job-2", "failed for good")
+    age_sent(store, 120)  # the first attempts ran long ago
+
+    retry_at = (now + timedelta(hours=2)).astimezone(ZoneInfo("America/Los_Angeles"))
+    assert store.postpone("job-0", retry_at) == 1
+    assert store.postpone("job-2", retry_at) == 0, "dead rows stay dead"
+    assert store.postpone("no-such-job", retry_at) == 0
+    assert stored_eta(store, "job-0") == retry_at
+    assert store.requeue_unfinished(60, 5) == (1, 0), "only job-1: job-0 waits for its retry"
+    with store.claim(10) as claim:
+        assert [r.job_id for r in claim.rows] == ["job-1"]
+        claim.mark_sent([r.id for r in claim.rows])
+
+    # A retry already due: published now, so redelivery still waits redeliver_after from now.
+    assert store.postpone("job-0", now - timedelta(seconds=120)) == 1
+    assert store.requeue_unfinished(60, 5) == (0, 0)
+    age_sent(store, 120)
+    assert store.requeue_unfinished(60, 5) == (2, 0)
+    assert store.status().as_dict()["dead"] == 1
 
 
 def test_concurrent_claims_skip_locked_rows_on_postgresql(postgres_url, table_name):

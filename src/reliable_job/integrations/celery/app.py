@@ -27,6 +27,7 @@ from reliable_job.errors import ConfigurationError, NotSerializableError, Stagin
 from reliable_job.integrations.celery import canvas, handoff
 from reliable_job.integrations.celery.capture import CapturingProducer
 from reliable_job.integrations.celery.config import load_settings
+from reliable_job.integrations.celery.retry import postpone_retry
 from reliable_job.integrations.celery.stamp import is_stamped, stamp
 from reliable_job.ports import OutboxDatabase, OutboxStore, StagedJob
 from reliable_job.relay import Relay, RelayGroup
@@ -98,7 +99,9 @@ class CeleryIntegration:
         task_id = options.get("task_id") or uuid()
         parent = self.app.current_worker_task
         if parent is not None and parent.request.id == task_id:
-            # Celery re-publishing a job that is already in the outbox (a retry): not staged again.
+            # Celery re-publishing a job that is already in the outbox (a retry): not staged again;
+            # its row's due time moves to the retry's first (integrations/celery/retry.py).
+            postpone_retry(self.database, task_id, options)
             if is_stamped(parent.request):
                 stamp(options)  # Celery republishes the request's headers; this only makes sure
             return self._send_task(name, args, kwargs, **options)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from reliable_job.errors import ConfigurationError, DuplicateJobError, StagingError
 from reliable_job.integrations.django.conf import DjangoOptions
-from reliable_job.ports import OutboxStatus, OutboxWriter, StagedJob
+from reliable_job.ports import OutboxStatus, OutboxWriter, StagedJob, as_utc
 from reliable_job.schema import notify_channel, validate_table_name
 from reliable_job.settings import Settings
 from reliable_job.staging import Stager
@@ -96,14 +96,24 @@ def engine_url(alias: str) -> URL:
     )
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """Aware UTC for ``USE_TZ = True``; naive UTC otherwise (what SQLAlchemy's store writes)."""
+def _utc(value: datetime | None, connection: Any) -> datetime | None:
+    """``value`` (naive: UTC) as Django must be handed it for ``connection``'s column to hold the
+    UTC instant, whatever ``USE_TZ`` and ``TIME_ZONE`` (the SQLAlchemy store compares UTC):
+
+    - PostgreSQL (``timestamptz``): aware UTC. psycopg sends the offset, so neither the session's
+      time zone (``TIME_ZONE`` when ``USE_TZ = False``) nor ``USE_TZ`` moves it;
+    - SQLite (no offset stored; read back as UTC): the UTC wall time. With ``USE_TZ = False``
+      naive; with ``USE_TZ = True`` Django stores an aware value's wall time in the connection's
+      zone (``DATABASES[alias]["TIME_ZONE"]``, UTC by default), so it gets the UTC wall time
+      labelled with that zone.
+    """
     from django.conf import settings
 
-    if value is None:
-        return None
-    value = value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return value if settings.USE_TZ else value.replace(tzinfo=None)
+    utc = as_utc(value)
+    if utc is None or connection.vendor == "postgresql":
+        return utc
+    wall = utc.replace(tzinfo=None)
+    return wall.replace(tzinfo=connection.timezone) if settings.USE_TZ else wall
 
 
 class DjangoWriter:
@@ -156,7 +166,7 @@ def _insert(connection: Any, jobs: Sequence[StagedJob]) -> list[str]:
     """
     from reliable_job.integrations.django.models import OutboxJob
 
-    now = _utc(datetime.now(timezone.utc))
+    now = _utc(datetime.now(timezone.utc), connection)
     fields = [f for f in OutboxJob._meta.concrete_fields if not f.primary_key]
     quote = connection.ops.quote_name
     params: list[Any] = []
@@ -166,7 +176,7 @@ def _insert(connection: Any, jobs: Sequence[StagedJob]) -> list[str]:
             task_name=j.task_name,
             queue=j.queue,
             message=j.message,
-            eta=_utc(j.eta),
+            eta=_utc(j.eta, connection),
             created_at=now,
             updated_at=now,
         )
@@ -320,6 +330,9 @@ class DjangoOutbox:
             dead=sum(s.dead for s in statuses),
             oldest_pending_seconds=max(ages) if ages else None,
         )
+
+    def postpone(self, job_id: str, due: datetime) -> int:
+        return self._total(lambda store: store.postpone(job_id, due), until=1)
 
     def retry_dead(self, alias: str | None = None) -> int:
         return sum(store.retry_dead() for store in self._each(alias))

@@ -176,6 +176,15 @@ class OutboxStatements:
             select(t.c.created_at).where(t.c.state == schema.PENDING).order_by(t.c.id).limit(1)
         )
 
+        # -- retries: a job published again under its own id, due later ------------------------
+        self.postpone: Update = (
+            update(t)
+            .where(t.c.job_id == bindparam("target_job_id"))
+            .where(t.c.state != schema.DEAD)
+            .values(eta=bindparam("due", type_=t.c.eta.type), sent_at=now, updated_at=now)
+        )
+        """Its row due at ``due`` (UTC), published ``now``: ``target_job_id``, ``due``, ``now``."""
+
     # -- staging -----------------------------------------------------------------------------
 
     def insert(self, dialect: str, notify: bool = False) -> Insert:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, MetaData, Table
@@ -25,7 +25,7 @@ from reliable_job.integrations.sqlalchemy.listen import PostgresListener, postgr
 from reliable_job.integrations.sqlalchemy.statements import CLAIM_PLAN, OutboxStatements, utcnow
 from reliable_job.integrations.sqlalchemy.table import outbox_table
 from reliable_job.integrations.sqlalchemy.writers import sqlalchemy_stager
-from reliable_job.ports import OutboxStatus, StagedJob
+from reliable_job.ports import OutboxStatus, StagedJob, as_utc
 from reliable_job.settings import Settings
 
 if TYPE_CHECKING:
@@ -138,6 +138,16 @@ class SQLAlchemyDatabase:
         with unavailable_as_error(), self.engine.begin() as conn:
             params = {"target_job_id": job_id, "error": error, "now": utcnow()}
             return conn.execute(self.statements.bury, params).rowcount
+
+    def postpone(self, job_id: str, due: datetime) -> int:
+        """A retry due at ``due``: the row's ``eta`` and ``sent_at`` move (one autocommit
+        ``UPDATE``; on PostgreSQL on the connection completion keeps)."""
+        postpone = self.statements.postpone
+        params = {"target_job_id": job_id, "due": as_utc(due), "now": utcnow()}
+        if self.engine.dialect.name != "postgresql":
+            with unavailable_as_error(), self.engine.begin() as conn:
+                return conn.execute(postpone, params).rowcount
+        return self._completion.run(lambda conn: conn.execute(postpone, params).rowcount)
 
     def close(self) -> None:
         """Release the connection completion keeps (PostgreSQL)."""
