@@ -10,11 +10,15 @@ recommended engine (``create_outbox_engine(url, immediate=True)``) never fail wi
 
 from __future__ import annotations
 
+import json
+import signal
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis as redis_lib
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import scoped_session, sessionmaker
@@ -22,7 +26,7 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 from reliable_job.errors import StagingError
 from reliable_job.integrations.celery import install
 from reliable_job.integrations.sqlalchemy import create_outbox_engine
-from tests.conftest import count_rows, wait_for
+from tests.conftest import count_rows, stage_records, wait_for
 
 PLAIN = {
     "RJ_TEST_PLAIN_ENGINE": "1"
@@ -153,3 +157,47 @@ def test_app_read_then_write_transactions_never_fail_while_workers_relay(service
     assert runs == Counter(dict.fromkeys(ids, 1))
     for worker in workers:
         services.stop(worker)
+
+
+def queued_ids(redis_url: str) -> list[str]:
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        return [json.loads(raw)["headers"]["id"] for raw in client.lrange("celery", 0, -1)]
+    finally:
+        client.close()
+
+
+def test_a_relay_killed_between_its_two_transactions_loses_nothing(
+    services, celery_app, engine, outbox, redis_url
+):
+    """A relay SIGKILLed after publishing its batch, before its claim's second transaction: its
+    rows stay pending under the lease (another relay takes the rest, never them), then are
+    published again once the lease is over: nothing lost, one batch twice."""
+    total, batch = 100, 40
+    ids = stage_records(engine, "l", total)
+    dying = services._start(
+        "lease-relay",
+        [sys.executable, "-m", "tests.apps.lease_relay"],
+        RELIABLE_JOB_BATCH_SIZE=str(batch),
+        RJ_TEST_LEASE_SECONDS="3",
+    )
+    dying.wait_for_line(rf"published {batch}", timeout=60)
+    dying.kill()
+    assert dying.wait(timeout=10) == -signal.SIGKILL
+    leased = set(queued_ids(redis_url))
+    assert len(leased) == batch
+    assert count_rows(engine, outbox, state="pending") == total
+
+    relay = celery_app.reliable_job.relay()
+    try:
+        assert relay.run_once() == total - batch, "the rows not leased"
+        assert relay.run_once() == 0, "the leased rows are not taken while the lease holds"
+        assert set(queued_ids(redis_url)) == set(ids)
+        wait_for(relay.run_once, timeout=60, interval=0.2, message="the lease to end")
+    finally:
+        relay.broker.close()
+    assert count_rows(engine, outbox, state="sent") == total
+    queued = Counter(queued_ids(redis_url))
+    assert set(queued) == set(ids), "a committed job never reached the broker"
+    assert {job for job, n in queued.items() if n > 1} == leased, "only the dead relay's batch twice"
+    assert sum(queued.values()) == total + batch
