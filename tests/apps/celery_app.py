@@ -2,7 +2,9 @@
 
 Configured from the environment the tests set:
 ``RJ_TEST_BROKER_URL``, ``RELIABLE_JOB_DATABASE_URL``, ``RELIABLE_JOB_TABLE_NAME`` (the outbox),
-``RJ_TEST_EXECUTIONS`` (table where tasks record that they ran).
+``RJ_TEST_EXECUTIONS`` (table where tasks record that they ran). With ``RJ_TEST_PLAIN_ENGINE=1`` the
+app is installed as the README's quickstart does: ``engine=create_engine(url)`` (plain, nothing of
+reliable-job's set-up) and ``session=`` a ``scoped_session`` on it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ if os.environ.get("RJ_TEST_TIMEZONE"):  # Celery's time zone (tests/e2e/test_e2e
     app.conf.enable_utc = os.environ.get("RJ_TEST_ENABLE_UTC", "1") == "1"
 if os.environ.get("RJ_TEST_RESULT_BACKEND"):
     app.conf.result_backend = os.environ["RJ_TEST_RESULT_BACKEND"]
-runtime = install(app)
+if os.environ.get("RJ_TEST_PLAIN_ENGINE") == "1":
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import scoped_session, sessionmaker
+
+    plain_engine = create_engine(os.environ["RELIABLE_JOB_DATABASE_URL"])
+    Session = scoped_session(sessionmaker(plain_engine))
+    runtime = install(app, engine=plain_engine, session=Session)
+else:
+    runtime = install(app)
 
 _metadata = MetaData()
 executions = Table(

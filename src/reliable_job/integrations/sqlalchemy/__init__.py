@@ -5,8 +5,8 @@ By concern: ``engine`` (engines, SQLite pragmas, fork safety, the connection com
 claims), ``listen`` (PostgreSQL ``LISTEN``), ``store`` (:class:`SQLAlchemyDatabase`, tying them).
 """
 
-from reliable_job.integrations.sqlalchemy.engine import create_outbox_engine
+from reliable_job.integrations.sqlalchemy.engine import create_outbox_engine, sqlite_immediate
 from reliable_job.integrations.sqlalchemy.store import SQLAlchemyDatabase
 from reliable_job.integrations.sqlalchemy.table import outbox_table
 
-__all__ = ["SQLAlchemyDatabase", "create_outbox_engine", "outbox_table"]
+__all__ = ["SQLAlchemyDatabase", "create_outbox_engine", "outbox_table", "sqlite_immediate"]

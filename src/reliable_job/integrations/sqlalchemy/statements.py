@@ -67,7 +67,7 @@ class OutboxStatements:
         self.claim_by_select: Select[Any] = publishable.with_only_columns(
             t.c.id, t.c.job_id, t.c.message, t.c.attempts
         )
-        """The claim by SELECT (SQLite: one writer at a time, BEGIN IMMEDIATE)."""
+        """The claim by SELECT (SQLite: one writer at a time, BEGIN IMMEDIATE; then leased)."""
         # ARRAY(subquery) is an InitPlan: run exactly once, then the update reaches its rows
         # through the primary key. (A join with the subquery can be planned as a nested loop
         # rescanning it for every row of the table when the statistics are off.)
@@ -134,6 +134,33 @@ class OutboxStatements:
         )
         """A row claimed by UPDATE the relay did not report: pending at once, ``new_attempts``
         as before the claim."""
+
+        # -- the claim by lease (SQLite): bind ``lease_until`` ----------------------------------
+        # A claim's first, short transaction pushes its rows' available_at to the lease's end (no
+        # other claim takes them meanwhile); its second applies the relay's reports, only to rows
+        # whose lease is still this claim's (same state, same available_at).
+        leased = (t.c.state == literal_column(f"'{schema.PENDING}'")) & (
+            t.c.available_at == bindparam("lease_until", type_=t.c.available_at.type)
+        )
+        self.lease: Update = (
+            update(t)
+            .where(t.c.id.in_(bindparam("ids", expanding=True)))
+            .values(available_at=bindparam("lease_until", type_=t.c.available_at.type))
+        )
+        """Lease claimed rows: ``ids``, ``lease_until``."""
+        self.leased_mark_sent: Update = self.mark_sent.where(leased)
+        """:attr:`mark_sent` while the lease holds: ``ids``, ``now``, ``lease_until``."""
+        self.leased_mark_dead: Update = self.mark_dead.where(leased)
+        self.leased_mark_retry: Update = self.mark_retry.where(leased)
+        self.leased_defer: Update = self.defer.where(leased)
+        self.leased_release: Update = (
+            update(t)
+            .where(t.c.id.in_(bindparam("ids", expanding=True)))
+            .where(leased)
+            .values(available_at=None)
+        )
+        """Leased rows the relay did not report (or a failed pass): due again at once: ``ids``,
+        ``lease_until``."""
 
         # -- completion: bind ``job_ids`` ---------------------------------------------------
         # PostgreSQL: one array parameter (one statement text, whatever the batch size).

@@ -18,7 +18,8 @@ from reliable_job.integrations.sqlalchemy.engine import (
     KeptConnection,
     claim_engine,
     create_outbox_engine,
-    dispose_after_fork,
+    outbox_engine_for,
+    sqlite_file_url,
     unavailable_as_error,
 )
 from reliable_job.integrations.sqlalchemy.listen import PostgresListener, postgres_listener
@@ -39,11 +40,15 @@ class SQLAlchemyDatabase:
 
     def __init__(self, settings: Settings, *, metadata: MetaData | None = None) -> None:
         self.settings = settings
+        # The engine of the relay, completion, the CLI and staging outside a session. On SQLite it
+        # always has create_outbox_engine's set-up: a plain engine the application handed over is
+        # replaced by one of the store's own on the same file (its sessions are still joined).
         if settings.engine is not None:
-            self.engine: Engine = settings.engine
-            dispose_after_fork(self.engine)
+            self.engine: Engine = outbox_engine_for(settings.engine)
         else:
             self.engine = create_outbox_engine(settings.database_url)
+        if self.engine.dialect.name == "sqlite":
+            sqlite_file_url(self.engine.url)  # refuses an in-memory database
         self.table: Table = (
             metadata.tables.get(settings.table_name) if metadata is not None else None
         ) or outbox_table(MetaData(), settings.table_name)
