@@ -7,7 +7,11 @@ One pass (:meth:`Relay.run_once`) is one short database transaction:
 
 A crash anywhere before COMMIT leaves the rows pending, so the next pass publishes them again: at
 most one batch is delivered twice. Rows locked by another relay are skipped, so concurrent relays
-never publish the same row unless one of them crashed.
+never publish the same row unless one of them crashed. (That is the PostgreSQL claim. On SQLite,
+whose one write lock must not be held across the broker round trip, the claim is a lease: rows are
+leased in one short transaction and marked in another after publishing; a crash in between leaves
+them leased until the lease ends. The claim is the store's business: the relay sees the same
+:class:`~reliable_job.ports.Claim` either way.)
 
 Between passes: a full batch is followed at once by the next pass. Otherwise the relay waits
 ``hot_poll`` while it is busy (for ``hot_window`` seconds after a pass that found rows or a
