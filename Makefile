@@ -3,8 +3,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+FUZZ_EXAMPLES ?= 2000
 
-.PHONY: venv lock lint format test bench bench-quick services-up services-down demo clean
+.PHONY: venv lock lint format test fuzz bench bench-quick services-up services-down demo clean
 
 venv: $(VENV)/.stamp
 
@@ -33,6 +34,12 @@ format: venv
 
 test: venv lint
 	scripts/run-tests.sh $(PYTEST_ARGS)
+
+# The state machine of tests/integration/test_state_machine.py, long and random (make test runs a
+# short derandomized search): FUZZ_EXAMPLES examples per database.
+fuzz: venv
+	RELIABLE_JOB_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) scripts/run-tests.sh tests/integration/test_state_machine.py \
+		-p no:cacheprovider $(PYTEST_ARGS)
 
 bench: venv
 	scripts/run-bench.sh $(BENCH_ARGS)
