@@ -290,10 +290,16 @@ class OutboxMachine(RuleBasedStateMachine):
     @tracked
     def stage_reused_id(self, queue: str, pick: int) -> None:
         """An id still in the outbox (any state) or staged earlier in this transaction: refused
-        with a ReliableJobError that leaves the transaction usable (or, if accepted, it must run)."""
+        with a ReliableJobError that leaves the transaction usable (or, if accepted, it must run).
+
+        A chain tail's id is not "staged" until its head hands it off: it travels inside the
+        head's message. Taking it for another job is a collision of the caller's making (Celery
+        made the id), and the hand-off then keeps the row already there (a rerun's, as far as it
+        can tell): so such ids are not picked here (the documented edge, see README Guarantees)."""
         if not ENABLE_REUSED_ID_RULE:
             return
-        present = {row["job_id"] for row in self.world.rows()} | {self.jobs[t].job_id for t in self.open}
+        staged_now = {self.jobs[t].job_id for t in self.open if self.jobs[t].head is None}
+        present = {row["job_id"] for row in self.world.rows()} | staged_now
         ids = list(dict.fromkeys(job.job_id for job in self.jobs.values() if job.job_id in present))
         if not ids:
             return
