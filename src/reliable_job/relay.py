@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from reliable_job.backoff import backoff_delay
 from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable, UnknownMessageFormat
 from reliable_job.ports import Broker, Claim, ClaimedRow, OutboxStore, Wakeup
+from reliable_job.recovery import Recovery
 from reliable_job.settings import Settings
 from reliable_job.wakeups import IdleWait
 
@@ -66,6 +67,16 @@ class Relay:
         self.backoff_cap = settings.backoff_cap
         self.max_publish_attempts = settings.max_publish_attempts
         self.redeliver_after = settings.redeliver_after
+        self.lost_check_after = settings.lost_check_after
+        self.recovery = Recovery(
+            store,
+            broker,
+            lost_check_after=settings.lost_check_after,
+            redeliver_after=settings.redeliver_after,
+            max_deliveries=settings.max_publish_attempts,
+            clock=clock,
+        )
+        """The loss check and the backstop's broker-aware path (:mod:`reliable_job.recovery`)."""
         self.stopping = threading.Event()
         self._clock = clock
         self._next_redelivery = clock()
@@ -154,6 +165,7 @@ class Relay:
             while not self.stopping.is_set():
                 try:
                     self.redeliver_due()
+                    self.check_lost()
                     handled = self.run_once()
                 except (BrokerUnavailable, DatabaseUnavailable) as exc:
                     self._wait(self.stopping, self._on_outage(exc))
@@ -210,7 +222,17 @@ class Relay:
         if not self.redeliver_after or self._clock() < self._next_redelivery:
             return
         self._next_redelivery = self._clock() + min(60.0, max(1.0, self.redeliver_after / 10))
-        requeued, dead = self.store.requeue_unfinished(self.redeliver_after, self.max_publish_attempts)
+        if self.recovery.available:
+            # one recovery, not two: messages still queued or held by the broker are left alone
+            try:
+                requeued, dead = self.recovery.redeliver()
+            except (BrokerUnavailable, DatabaseUnavailable):
+                raise
+            except Exception as exc:
+                logger.warning("redelivery skipped: %s: %s", type(exc).__name__, exc)
+                return
+        else:
+            requeued, dead = self.store.requeue_unfinished(self.redeliver_after, self.max_publish_attempts)
         if requeued:
             logger.warning(
                 "%d job(s) published more than %.0fs ago never completed: publishing them again",
@@ -223,6 +245,11 @@ class Relay:
                 dead,
                 self.max_publish_attempts,
             )
+
+    def check_lost(self) -> None:
+        """Every few seconds, publish again the jobs ``sent`` for ``lost_check_after`` whose
+        message the broker no longer has (:meth:`~reliable_job.recovery.Recovery.check_lost`)."""
+        self.recovery.check_lost()
 
     def stop(self) -> None:
         self.stopping.set()

@@ -23,6 +23,14 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_transport_options={"socket_timeout": 5, "socket_connect_timeout": 2},
 )
+if os.environ.get("RJ_TEST_VISIBILITY_TIMEOUT"):
+    # kombu restores unacknowledged messages older than this, swept every second
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "visibility_timeout": float(os.environ["RJ_TEST_VISIBILITY_TIMEOUT"]),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
 if os.environ.get("RJ_TEST_RESULT_BACKEND"):
     app.conf.result_backend = os.environ["RJ_TEST_RESULT_BACKEND"]
 runtime = install(app)
@@ -98,4 +106,20 @@ def spawn(self, marker):
 def slow_record(self, marker, seconds=0.05):
     """Takes a moment, so that a worker can be killed in the middle of its work."""
     time.sleep(seconds)
+    _record(self.request.id, marker)
+
+
+@app.task(bind=True, reliable_job=True, acks_late=True)
+def crash_once(self, marker, seconds=60.0):
+    """``acks_late``: records its start, then takes ``seconds`` the first time it runs (so that
+    its worker can be killed in the middle), no time on later runs; records its end."""
+    from sqlalchemy import func, select
+
+    _record(self.request.id, f"{marker}:start")
+    with _engine.connect() as conn:
+        starts = conn.execute(
+            select(func.count()).select_from(executions).where(executions.c.task_id == self.request.id)
+        ).scalar()
+    if starts == 1:
+        time.sleep(seconds)
     _record(self.request.id, marker)

@@ -38,9 +38,9 @@ from typing import Any, cast
 
 from kombu import Producer
 from kombu.exceptions import InconsistencyError, OperationalError
-from kombu.utils.uuid import uuid
 
 from reliable_job.errors import BrokerUnavailable, MessageUnroutable
+from reliable_job.integrations.celery.lost import delivery_tag, locate
 from reliable_job.integrations.celery.message import (
     Route,
     publish_arguments,
@@ -48,7 +48,7 @@ from reliable_job.integrations.celery.message import (
     redis_parts_of_any,
     route_of,
 )
-from reliable_job.ports import ClaimedRow
+from reliable_job.ports import ClaimedRow, SentRow
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +215,15 @@ class KombuBroker:
             if isinstance(first, Exception) and self._is_outage(first):
                 raise first
 
+    def locate(self, rows: Sequence[SentRow], *, take_over: bool) -> Mapping[int, str]:
+        """Where these rows' messages are (the lost-message checks: ``lost.py``)."""
+        try:
+            return locate(self, rows, take_over=take_over)
+        except Exception as exc:
+            if not self._is_outage(exc):
+                raise
+            raise self._unavailable(exc) from exc
+
     # -- the Redis fast path -------------------------------------------------------------------
 
     def _redis_channel(self, producer: Any) -> Any:
@@ -312,7 +321,7 @@ class KombuBroker:
                 if queues is None:
                     rest.append(row)
                     continue
-                payload = f'{head}{uuid()}"}}}}'
+                payload = f'{head}{delivery_tag(row.id, row.job_id, row.attempts + 1)}"}}}}'
                 priority = priorities.get(route.priority)
                 if priority is None:
                     priority = priorities[route.priority] = channel._get_message_priority(

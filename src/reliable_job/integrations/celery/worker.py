@@ -87,6 +87,36 @@ def _flush_completions(**_: Any) -> None:
             logger.exception("could not flush completed jobs at shutdown")
 
 
+def _on_prerun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    """Mark a reliable job started in Redis (the loss check then leaves its row alone once its
+    message was acknowledged early); ``lost.py``."""
+    runtime = _reliable_runtime(sender)
+    if runtime is not None and task_id:
+        from reliable_job.integrations.celery.lost import mark_started, marker_ttls
+
+        running, _ended = marker_ttls(runtime.settings.redeliver_after, runtime.settings.lost_check_after)
+        mark_started(sender.app, task_id, running)
+
+
+def _on_postrun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    runtime = _reliable_runtime(sender)
+    if runtime is not None and task_id:
+        from reliable_job.integrations.celery.lost import mark_finished, marker_ttls
+
+        _running, ended = marker_ttls(runtime.settings.redeliver_after, runtime.settings.lost_check_after)
+        mark_finished(sender.app, task_id, ended)
+
+
+def _reliable_runtime(task: Any) -> Any:
+    """The runtime when ``task`` is reliable and the loss check is on, else ``None``."""
+    if task is None:
+        return None
+    runtime = getattr(task.app, "reliable_job", None)
+    if runtime is None or not runtime.settings.lost_check_after or not runtime.is_reliable(task.name, task):
+        return None
+    return runtime
+
+
 _connected = False
 _apps: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -103,4 +133,6 @@ def connect_worker(app: Any) -> None:
         signals.task_revoked.connect(_on_revoked, weak=False)
         signals.worker_process_shutdown.connect(_flush_completions, weak=False)
         signals.worker_shutdown.connect(_flush_completions, weak=False)
+        signals.task_prerun.connect(_on_prerun, weak=False)
+        signals.task_postrun.connect(_on_postrun, weak=False)
         _connected = True
