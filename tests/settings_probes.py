@@ -44,6 +44,7 @@ def non_default_values(tmp_path: Path) -> dict[str, Any]:
         "max_publish_attempts": 9,
         "completion_interval": 0.5,
         "redeliver_after": 120.0,
+        "lost_check_after": 30.0,
     }
 
 
@@ -121,6 +122,12 @@ def _session(runtime: Any, value: Any) -> None:
     assert value.asked == 1
 
 
+def _lost_check_after(runtime: Any, value: Any) -> None:
+    _on_every_relay(runtime, "lost_check_after", value)
+    seen = [relay.recovery.lost_check_after for relay in relays(runtime)]
+    assert all(each == value for each in seen), f"relay.recovery.lost_check_after: {seen}"
+
+
 PROBES: dict[str, Callable[[Any, Any], None]] = {
     "enable_for_all_jobs": _enable_for_all_jobs,
     "preserve_dead_jobs": _preserve_dead_jobs,
@@ -138,6 +145,7 @@ PROBES: dict[str, Callable[[Any, Any], None]] = {
     "max_publish_attempts": _relay_attribute("max_publish_attempts"),
     "completion_interval": _completion_interval,
     "redeliver_after": _relay_attribute("redeliver_after"),
+    "lost_check_after": _lost_check_after,
 }
 """One probe per setting; the guard below fails when a setting has none."""
 

@@ -182,6 +182,64 @@ class Broker(Protocol):
     def close(self) -> None: ...
 
 
+# -- lost messages: optional ports (a store and a broker that can tell where a message is) ---------
+
+
+@dataclass(frozen=True)
+class SentRow:
+    """A ``sent`` row, as the lost-message checks see it."""
+
+    id: int
+    job_id: str
+    message: str
+    attempts: int
+    """Publish attempts as stored: the number of its last publication (its delivery tag's)."""
+
+
+class Whereabouts:
+    """Where a published message is, as :meth:`MessageLocator.locate` found it."""
+
+    QUEUED = "queued"
+    """In its queue, waiting for a worker (however long the queue)."""
+    HELD = "held"
+    """In the broker's unacknowledged set (a worker holds it; the broker restores it if the
+    worker dies), or taken from it meanwhile by the broker's own restore or the worker's ack."""
+    STARTED = "started"
+    """Not on the broker any more, but a worker started the job (its early acknowledgement)."""
+    TAKEN = "taken"
+    """Was in the unacknowledged set and the locator removed it there: the broker will not restore
+    it, the relay publishes it again (``take_over``)."""
+    MISSING = "missing"
+    """Nowhere: not queued, not held, not started."""
+    UNKNOWN = "unknown"
+    """The locator cannot tell (a message it did not publish itself, another transport)."""
+
+
+class SentRows(Protocol):
+    """A store the lost-message checks can use (optional: without it the relay redelivers with
+    :meth:`OutboxStore.requeue_unfinished` alone)."""
+
+    def sent_rows(self, older_than: float, after_id: int, limit: int, *, due_only: bool) -> Sequence[SentRow]:
+        """Up to ``limit`` rows ``sent`` at least ``older_than`` seconds ago with ``id > after_id``,
+        in id order; with ``due_only``, only those whose eta (if any) is that old too."""
+
+    def requeue_sent(self, rows: Sequence[SentRow], max_deliveries: int, error: str) -> tuple[int, int]:
+        """Put these rows back to pending (those published ``max_deliveries`` times: dead), each
+        only if it is still ``sent`` with the same ``attempts`` (not completed, not republished
+        meanwhile by another relay). ``error`` is their ``last_error`` (the dead ones':
+        ``"<error>, <max_deliveries> times"``). Returns ``(requeued, dead)``."""
+
+
+class MessageLocator(Protocol):
+    """A broker that can tell where the messages it published are (optional)."""
+
+    def locate(self, rows: Sequence[SentRow], *, take_over: bool) -> Mapping[int, str]:
+        """A :class:`Whereabouts` value for each row, by id. With ``take_over``, a message held in
+        the broker's unacknowledged set is removed there (atomically: either the broker restores
+        it or this call takes it, never both) and reported ``TAKEN``; ``STARTED`` is not looked
+        for (a job running that long is redelivered, as ``redeliver_after`` says)."""
+
+
 class JobStager(Protocol):
     """Writes staged jobs in the right transaction (:class:`reliable_job.staging.Stager`)."""
 

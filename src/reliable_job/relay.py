@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from reliable_job.backoff import backoff_delay
 from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable, UnknownMessageFormat
 from reliable_job.ports import Broker, Claim, ClaimedRow, OutboxStore, Wakeup
+from reliable_job.recovery import Recovery
 from reliable_job.settings import Settings
 from reliable_job.wakeups import IdleWait
 
@@ -70,9 +71,18 @@ class Relay:
         self.backoff_cap = settings.backoff_cap
         self.max_publish_attempts = settings.max_publish_attempts
         self.redeliver_after = settings.redeliver_after
+        self.lost_check_after = settings.lost_check_after
+        self.recovery = Recovery(
+            store,
+            broker,
+            lost_check_after=settings.lost_check_after,
+            redeliver_after=settings.redeliver_after,
+            max_deliveries=settings.max_publish_attempts,
+            clock=clock,
+        )
+        """The loss check and the backstop's broker-aware path (:mod:`reliable_job.recovery`)."""
         self.stopping = threading.Event()
         self._clock = clock
-        self._next_redelivery = clock()
         self._wait = wait or (lambda event, seconds: event.wait(seconds))
         self._outage_since: float | None = None
         self._outage_attempts = 0
@@ -158,6 +168,7 @@ class Relay:
             while not self.stopping.is_set():
                 try:
                     self.redeliver_due()
+                    self.check_lost()
                     handled = self.run_once()
                 except (BrokerUnavailable, DatabaseUnavailable) as exc:
                     self._wait(self.stopping, self._on_outage(exc))
@@ -210,23 +221,14 @@ class Relay:
 
     def redeliver_due(self) -> None:
         """Every ``redeliver_after / 10`` seconds (1 s to 60 s), put published jobs that never
-        completed back to pending: the broker or a worker lost them."""
-        if not self.redeliver_after or self._clock() < self._next_redelivery:
-            return
-        self._next_redelivery = self._clock() + min(60.0, max(1.0, self.redeliver_after / 10))
-        requeued, dead = self.store.requeue_unfinished(self.redeliver_after, self.max_publish_attempts)
-        if requeued:
-            logger.warning(
-                "%d job(s) published more than %.0fs ago never completed: publishing them again",
-                requeued,
-                self.redeliver_after,
-            )
-        if dead:
-            logger.error(
-                "%d job(s) never completed after %d deliveries: set dead",
-                dead,
-                self.max_publish_attempts,
-            )
+        completed back to pending: the broker or a worker lost them
+        (:meth:`~reliable_job.recovery.Recovery.redeliver_due`)."""
+        self.recovery.redeliver_due()
+
+    def check_lost(self) -> None:
+        """Every few seconds, publish again the jobs ``sent`` for ``lost_check_after`` whose
+        message the broker no longer has (:meth:`~reliable_job.recovery.Recovery.check_lost`)."""
+        self.recovery.check_lost()
 
     def stop(self) -> None:
         self.stopping.set()

@@ -79,6 +79,12 @@ class Settings:
     redeliver_after: float = 3600.0
     """Seconds after which a published job that has not completed (and was not due) is published
     again: it was lost by the broker or by a worker. 0 turns redelivery off."""
+    lost_check_after: float = 60.0
+    """Seconds after publishing from which the relay checks, every few seconds, that a job not
+    completed yet is still somewhere on the broker (queued, held by a worker, or started) and
+    publishes it again when it is nowhere: a broker that lost messages (a restart without
+    persistence, ``FLUSHALL``, a failover) is noticed within about this time, not after
+    ``redeliver_after``. Redis fast path only; 0 turns the check off."""
 
     def __post_init__(self) -> None:
         validate_table_name(self.table_name)
@@ -92,6 +98,8 @@ class Settings:
             raise ConfigurationError("completion_interval must be 0 (off) or positive")
         if self.redeliver_after < 0:
             raise ConfigurationError("redeliver_after must be 0 (off) or positive")
+        if self.lost_check_after < 0:
+            raise ConfigurationError("lost_check_after must be 0 (off) or positive")
         if self.max_publish_attempts < 1:
             raise ConfigurationError("max_publish_attempts must be at least 1")
 

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable, DuplicateJobError
-from reliable_job.ports import ClaimedRow, OutboxStatus, OutboxWriter, StagedJob
+from reliable_job.ports import ClaimedRow, OutboxStatus, OutboxWriter, SentRow, StagedJob
 from reliable_job.schema import DEAD, PENDING, SENT
 from reliable_job.settings import Settings
 from reliable_job.staging import Stager
@@ -202,6 +202,32 @@ class InMemoryStore:
             for r in hit:
                 r.job, r.sent_at = replace(r.job, eta=due), time.time()
             return len(hit)
+
+    def sent_rows(self, older_than: float, after_id: int, limit: int, *, due_only: bool) -> list[SentRow]:
+        cutoff = time.time() - older_than
+        with self._lock:
+            rows = [
+                SentRow(r.id, r.job.job_id, r.job.message, r.attempts)
+                for r in sorted(self.rows.values(), key=lambda r: r.id)
+                if r.state == SENT
+                and r.id > after_id
+                and r.sent_at <= cutoff
+                and not (due_only and r.job.eta is not None and r.job.eta.timestamp() > cutoff)
+            ]
+        return rows[:limit]
+
+    def requeue_sent(self, rows: Sequence[SentRow], max_deliveries: int, error: str) -> tuple[int, int]:
+        requeued = dead = 0
+        with self._lock:
+            for row in rows:
+                r = self.rows.get(row.id)
+                if r is None or r.state != SENT or r.attempts != row.attempts:
+                    continue
+                if r.attempts >= max_deliveries:
+                    r.state, r.last_error, dead = DEAD, f"{error}, {max_deliveries} times", dead + 1
+                else:
+                    r.state, r.available_at, r.last_error, requeued = PENDING, 0.0, error, requeued + 1
+        return requeued, dead
 
     def retry_dead(self) -> int:
         with self._lock:

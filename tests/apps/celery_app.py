@@ -28,6 +28,15 @@ app.conf.update(
 if os.environ.get("RJ_TEST_TIMEZONE"):  # Celery's time zone (tests/e2e/test_e2e_time_zones.py)
     app.conf.timezone = os.environ["RJ_TEST_TIMEZONE"]
     app.conf.enable_utc = os.environ.get("RJ_TEST_ENABLE_UTC", "1") == "1"
+
+if os.environ.get("RJ_TEST_VISIBILITY_TIMEOUT"):
+    # kombu restores unacknowledged messages older than this, swept every second
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "visibility_timeout": float(os.environ["RJ_TEST_VISIBILITY_TIMEOUT"]),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
 if os.environ.get("RJ_TEST_RESULT_BACKEND"):
     app.conf.result_backend = os.environ["RJ_TEST_RESULT_BACKEND"]
 if os.environ.get("RJ_TEST_PLAIN_ENGINE") == "1":
@@ -202,3 +211,19 @@ elif _SESSION_PROVIDER == "leaky":
     @signals.task_postrun.connect(weak=False)
     def _teardown(**_):
         _session.remove()  # rolls back what the task left open
+
+
+@app.task(bind=True, reliable_job=True, acks_late=True)
+def crash_once(self, marker, seconds=60.0):
+    """``acks_late``: records its start, then takes ``seconds`` the first time it runs (so that
+    its worker can be killed in the middle), no time on later runs; records its end."""
+    from sqlalchemy import func, select
+
+    _record(self.request.id, f"{marker}:start")
+    with _engine.connect() as conn:
+        starts = conn.execute(
+            select(func.count()).select_from(executions).where(executions.c.task_id == self.request.id)
+        ).scalar()
+    if starts == 1:
+        time.sleep(seconds)
+    _record(self.request.id, marker)

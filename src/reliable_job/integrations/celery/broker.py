@@ -37,10 +37,10 @@ from typing import Any
 from kombu import Producer
 
 from reliable_job.errors import BrokerUnavailable
-from reliable_job.integrations.celery import kombu_path, redis_fast_path
+from reliable_job.integrations.celery import kombu_path, lost, redis_fast_path
 from reliable_job.integrations.celery.decoding import Route
 from reliable_job.integrations.celery.refusals import from_redis, is_outage
-from reliable_job.ports import ClaimedRow
+from reliable_job.ports import ClaimedRow, SentRow
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,17 @@ class KombuBroker:
         return kombu_path.publish_collected(
             producer, rows, self._declared, self.app.amqp.queues, self._is_outage
         )
+
+    def locate(self, rows: Sequence[SentRow], *, take_over: bool) -> Mapping[int, str]:
+        """Where these rows' messages are (the lost-message checks: ``lost.py``)."""
+        try:
+            producer = self._ensure_producer()
+            channel = redis_fast_path.redis_channel(self._connection, producer) if self.fast_path else None
+            return lost.locate(channel, rows, self._routes, take_over=take_over)
+        except Exception as exc:
+            if not self._is_outage(exc):
+                raise
+            raise self._unavailable(exc) from exc
 
     def _unavailable(self, exc: Exception) -> BrokerUnavailable:
         """Drop the broken connection; the error the relay treats as an outage."""

@@ -13,10 +13,10 @@ kombu's path (``kombu_path.py``); so is a whole connection it does not apply to
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
-
-from kombu.utils.uuid import uuid
 
 from reliable_job.integrations.celery.decoding import Route, redis_parts_of_any, route_of
 from reliable_job.integrations.celery.message import redis_parts
@@ -24,7 +24,19 @@ from reliable_job.integrations.celery.refusals import execute, raise_if_nothing_
 from reliable_job.ports import ClaimedRow
 
 IsOutage = Callable[[BaseException], bool]
+
+TAG_PREFIX = "rj."
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}\Z")
 Planned = list[tuple[ClaimedRow, Route, str]]
+
+
+def delivery_tag(row_id: int, job_id: str, publication: int) -> str:
+    """The delivery tag of a row's ``publication``-th publication (its ``attempts`` once marked
+    sent): unique per row and publication, plain text that needs no JSON escaping (a job id with
+    other characters is replaced by a digest of it)."""
+    if not _PLAIN_ID.match(job_id):
+        job_id = hashlib.sha256(job_id.encode("utf-8")).hexdigest()[:32]
+    return f"{TAG_PREFIX}{row_id}.{publication}.{job_id}"
 
 
 def redis_channel(connection: Any, producer: Any) -> Any:
@@ -62,7 +74,7 @@ def publish(
     planned: Planned = []
     for row in rows:
         try:
-            route, head = _route(row.message, routes)
+            route, head = route_and_head(row.message, routes)
         except Exception as exc:  # CorruptMessage, UnknownMessageFormat: this row's failure
             failures[row.id] = exc  # the relay sets corrupt rows dead, defers newer formats
             continue
@@ -85,12 +97,12 @@ def publish(
         try:
             key = (route.exchange, route.routing_key)
             if key not in lookups:
-                lookups[key] = _lookup(channel, tables, *key)
+                lookups[key] = lookup(channel, tables, *key)
             queue_names = lookups[key]
             if queue_names is None:
                 rest.append(row)
                 continue
-            payload = f'{head}{uuid()}"}}}}'
+            payload = f'{head}{delivery_tag(row.id, row.job_id, row.attempts + 1)}"}}}}'
             priority = priorities.get(route.priority)
             if priority is None:
                 priority = priorities[route.priority] = channel._get_message_priority(
@@ -110,7 +122,9 @@ def publish(
     return failures, rest
 
 
-def _route(text: str, routes: dict[str, Route]) -> tuple[Route, str]:
+def route_and_head(text: str, routes: dict[str, Route]) -> tuple[Route, str]:
+    """A stored message's route and Redis payload head (sliced from a v2 envelope, else decoded);
+    parsed routes are cached in ``routes`` by their JSON text."""
     parts = redis_parts(text)
     if parts is None:
         return redis_parts_of_any(text)  # v1 rows staged by 0.1; corrupt rows raise
@@ -169,7 +183,7 @@ def _read_bindings(
     return tables, unreadable
 
 
-def _lookup(
+def lookup(
     channel: Any,
     tables: Mapping[str, list[tuple[str, ...]]],
     exchange: str,

@@ -163,6 +163,35 @@ def _flush_completions(**_: Any) -> None:
             logger.exception("could not flush completed jobs at shutdown")
 
 
+def _mark_started(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    """Mark a staged job started in Redis (the loss check then leaves its row alone once its
+    message was acknowledged early); ``lost.py``."""
+    runtime = _checking_runtime(sender)
+    if runtime is not None and task_id:
+        from reliable_job.integrations.celery.lost import mark_started, marker_ttls
+
+        running, _ended = marker_ttls(runtime.settings.redeliver_after, runtime.settings.lost_check_after)
+        mark_started(sender.app, task_id, running)
+
+
+def _mark_finished(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    runtime = _checking_runtime(sender)
+    if runtime is not None and task_id:
+        from reliable_job.integrations.celery.lost import mark_finished, marker_ttls
+
+        _running, ended = marker_ttls(runtime.settings.redeliver_after, runtime.settings.lost_check_after)
+        mark_finished(sender.app, task_id, ended)
+
+
+def _checking_runtime(task: Any) -> Any:
+    """The runtime when ``task`` runs a staged job (the stamp, as completion) and the loss check
+    is on, else ``None``."""
+    runtime = _runtime_for(task, task.request if task is not None else None)
+    if runtime is None or not runtime.settings.lost_check_after:
+        return None
+    return runtime
+
+
 _connected = False
 _apps: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -180,4 +209,6 @@ def connect_worker(app: Any) -> None:
         signals.task_postrun.connect(_on_postrun, weak=False)
         signals.worker_process_shutdown.connect(_flush_completions, weak=False)
         signals.worker_shutdown.connect(_flush_completions, weak=False)
+        signals.task_prerun.connect(_mark_started, weak=False)
+        signals.task_postrun.connect(_mark_finished, weak=False)
         _connected = True

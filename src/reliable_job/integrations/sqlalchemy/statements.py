@@ -198,6 +198,7 @@ class OutboxStatements:
             .values(state=schema.PENDING, available_at=None, last_error=bindparam("error"), updated_at=now)
         )
         """Sent before ``cutoff``: pending again, ``error``, ``now``."""
+        self._lost_message_statements(t)
         self.count_by_state: Select[Any] = select(t.c.state, func.count()).group_by(t.c.state)
         self.oldest_pending: Select[Any] = (  # the lowest pending id, through the partial index
             select(t.c.created_at).where(t.c.state == schema.PENDING).order_by(t.c.id).limit(1)
@@ -211,6 +212,32 @@ class OutboxStatements:
             .values(eta=bindparam("due", type_=t.c.eta.type), sent_at=now, updated_at=now)
         )
         """Its row due at ``due`` (UTC), published ``now``: ``target_job_id``, ``due``, ``now``."""
+
+    def _lost_message_statements(self, t: Table) -> None:
+        """The lost-message checks (:mod:`reliable_job.recovery`): a page of ``sent`` rows, and
+        requeueing one of them only as it was checked (still ``sent``, same ``attempts``)."""
+        cutoff = bindparam("cutoff", type_=t.c.sent_at.type)
+        sent_before = (t.c.state == schema.SENT) & (t.c.sent_at <= cutoff) & (t.c.id > bindparam("after_id"))
+        page = (
+            select(t.c.id, t.c.job_id, t.c.message, t.c.attempts).order_by(t.c.id).limit(bindparam("limit"))
+        )
+        self.sent_page: Select[Any] = page.where(sent_before)
+        """``sent`` at or before ``cutoff``, ``id > after_id``, by id: ``cutoff``, ``after_id``,
+        ``limit``."""
+        self.sent_due_page: Select[Any] = page.where(sent_before & or_(t.c.eta.is_(None), t.c.eta <= cutoff))
+        """The same, due at or before ``cutoff`` too."""
+        as_checked = update(t).where(
+            (t.c.id == bindparam("row_id")) & (t.c.state == schema.SENT) & (t.c.attempts == bindparam("seen"))
+        )
+        now = bindparam("now", type_=t.c.updated_at.type)
+        self.requeue_checked: Update = as_checked.values(
+            state=schema.PENDING, available_at=None, last_error=bindparam("error"), updated_at=now
+        )
+        """``row_id``, ``seen`` (its attempts when checked), ``error``, ``now``."""
+        self.bury_checked: Update = as_checked.values(
+            state=schema.DEAD, last_error=bindparam("error"), updated_at=now
+        )
+        """``row_id``, ``seen``, ``error``, ``now``."""
 
     # -- staging -----------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from reliable_job.integrations.sqlalchemy.listen import PostgresListener, postgr
 from reliable_job.integrations.sqlalchemy.statements import CLAIM_PLAN, OutboxStatements, utcnow
 from reliable_job.integrations.sqlalchemy.table import outbox_table
 from reliable_job.integrations.sqlalchemy.writers import sqlalchemy_stager
-from reliable_job.ports import OutboxStatus, StagedJob, as_utc
+from reliable_job.ports import OutboxStatus, SentRow, StagedJob, as_utc
 from reliable_job.settings import Settings
 
 if TYPE_CHECKING:
@@ -100,6 +100,31 @@ class SQLAlchemyDatabase:
                 {**params, "max_deliveries": max_deliveries, "error": f"{note}, {max_deliveries} times"},
             ).rowcount
             requeued = conn.execute(self.statements.requeue, {**params, "error": note}).rowcount
+        return requeued, dead
+
+    # -- lost messages (reliable_job.recovery) -----------------------------------------------
+
+    def sent_rows(self, older_than: float, after_id: int, limit: int, *, due_only: bool) -> list[SentRow]:
+        statement = self.statements.sent_due_page if due_only else self.statements.sent_page
+        params = {"cutoff": utcnow() - timedelta(seconds=older_than), "after_id": after_id, "limit": limit}
+        with unavailable_as_error(), self.engine.connect() as conn:
+            return [SentRow(*row) for row in conn.execute(statement, params)]
+
+    def requeue_sent(self, rows: Sequence[SentRow], max_deliveries: int, error: str) -> tuple[int, int]:
+        requeued = dead = 0
+        if not rows:
+            return 0, 0
+        now = utcnow()
+        with unavailable_as_error(), self.engine.begin() as conn:
+            for row in rows:
+                params = {"row_id": row.id, "seen": row.attempts, "now": now}
+                if row.attempts >= max_deliveries:
+                    params["error"] = f"{error}, {max_deliveries} times"
+                    dead += conn.execute(self.statements.bury_checked, params).rowcount
+                else:
+                    requeued += conn.execute(
+                        self.statements.requeue_checked, {**params, "error": error}
+                    ).rowcount
         return requeued, dead
 
     # -- completion ---------------------------------------------------------------------------
