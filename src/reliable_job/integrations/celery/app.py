@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 from kombu.exceptions import EncodeError
@@ -27,7 +28,7 @@ from reliable_job.errors import ConfigurationError, NotSerializableError, Stagin
 from reliable_job.integrations.celery import canvas, handoff
 from reliable_job.integrations.celery.capture import CapturingProducer
 from reliable_job.integrations.celery.config import load_settings
-from reliable_job.integrations.celery.retry import postpone_retry
+from reliable_job.integrations.celery.retry import postpone_retry, retry_due
 from reliable_job.integrations.celery.stamp import is_stamped, stamp
 from reliable_job.ports import OutboxDatabase, OutboxStore, StagedJob
 from reliable_job.relay import Relay, RelayGroup
@@ -94,17 +95,17 @@ class CeleryIntegration:
             held = handoff.continuation_of(self, options.get("task_id"), options)
             if held is not None:
                 return handoff.capture(self, held, name, args, kwargs, options)
+        parent = self.app.current_worker_task
+        retried = parent is not None and options.get("task_id") == parent.request.id
+        if retried and is_stamped(parent.request):
+            # Celery re-publishing a staged job (a retry): not staged again, whatever this worker
+            # thinks of the task (completion follows the stamp, so does the retry's bookkeeping).
+            return self._publish_retry(name, args, kwargs, options)
         if not self.is_staged(name, args, kwargs, options):
             return self._send_task(name, args, kwargs, **options)
+        if retried:
+            return self._publish_retry(name, args, kwargs, options)
         task_id = options.get("task_id") or uuid()
-        parent = self.app.current_worker_task
-        if parent is not None and parent.request.id == task_id:
-            # Celery re-publishing a job that is already in the outbox (a retry): not staged again;
-            # its row's due time moves to the retry's first (integrations/celery/retry.py).
-            postpone_retry(self.database, task_id, options)
-            if is_stamped(parent.request):
-                stamp(options)  # Celery republishes the request's headers; this only makes sure
-            return self._send_task(name, args, kwargs, **options)
         options["task_id"] = task_id
         stamp(options)
         options.pop("connection", None)
@@ -124,6 +125,25 @@ class CeleryIntegration:
         job = StagedJob(task_id, name, captured.queue, captured.to_json(), captured.eta)
         self.database.stager.stage([job], target)
         return result
+
+    def _publish_retry(self, name: str, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
+        """A retry of the running job (same id), published directly: its row's due time moves to
+        the retry's first (integrations/celery/retry.py), and its started marker lasts until the
+        retry is due plus the usual running time, so the loss check does not take the retry's
+        message (published by kombu, not by the relay) for a lost one."""
+        assert self._send_task is not None
+        task_id = str(options["task_id"])
+        postpone_retry(self.database, task_id, options)
+        parent = self.app.current_worker_task
+        if parent is not None and is_stamped(parent.request):
+            stamp(options)  # Celery republishes the request's headers; this only makes sure
+            if self.settings.lost_check_after:
+                from reliable_job.integrations.celery.lost import mark_started, marker_ttls
+
+                running, _ended = marker_ttls(self.settings.redeliver_after, self.settings.lost_check_after)
+                wait = (retry_due(options) - datetime.now(timezone.utc)).total_seconds()
+                mark_started(self.app, task_id, max(0.0, wait) + running)
+        return self._send_task(name, args, kwargs, **options)
 
     def _capture_conn(self) -> Any:
         if self._capture_connection is None:

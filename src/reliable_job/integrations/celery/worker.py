@@ -174,7 +174,13 @@ def _mark_started(sender: Any = None, task_id: str | None = None, **_: Any) -> N
         mark_started(sender.app, task_id, running)
 
 
-def _mark_finished(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+def _mark_finished(
+    sender: Any = None, task_id: str | None = None, state: str | None = None, **_: Any
+) -> None:
+    """Shorten the started marker of a job that ended; not of one that retries (the retry set
+    its marker until it is due: the retry's message is kombu's, the loss check cannot find it)."""
+    if state == states.RETRY:
+        return
     runtime = _checking_runtime(sender)
     if runtime is not None and task_id:
         from reliable_job.integrations.celery.lost import mark_finished, marker_ttls
