@@ -1,5 +1,6 @@
-"""Review probes at the seams of the merged features (review-scratch): each test states a case the
-promise covers; a failing one is a finding."""
+"""Retries meet the loss check and redelivery: a retry waiting in its queue is never taken for a
+lost message, and a stamped job's retry moves its row's due time whatever the worker thinks of the
+task (real SQLite/PostgreSQL and Redis)."""
 
 from __future__ import annotations
 
