@@ -298,7 +298,7 @@ def test_staging_needs_neither_broker_nor_result_backend(engine, outbox, databas
     app.conf.redis_socket_connect_timeout = 1
     install(app, database_url=database_url, table_name=table_name)
 
-    @app.task(reliable_job=True)
+    @app.task(reliable_job=True, shared=False)
     def offline(x):
         return x
 

@@ -99,7 +99,7 @@ def test_a_countdown_staged_in_a_celery_time_zone_west_of_utc_is_stored_as_utc(e
     store = InMemoryStore()
     install(app, database=store, relay_in_worker=False)
 
-    @app.task(reliable_job=True)
+    @app.task(reliable_job=True, shared=False)
     def later() -> None: ...
 
     before = datetime.now(timezone.utc)

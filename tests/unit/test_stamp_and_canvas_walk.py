@@ -10,12 +10,12 @@ from reliable_job.integrations.celery.stamp import HEADER, VALUE, is_stamped, st
 app = Celery("walk", set_as_current=False)
 
 
-@app.task(name="t.reliable")
+@app.task(name="t.reliable", shared=False)
 def reliable(*args):
     return args
 
 
-@app.task(name="t.plain")
+@app.task(name="t.plain", shared=False)
 def plain(*args):
     return args
 
