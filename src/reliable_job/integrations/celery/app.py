@@ -105,6 +105,16 @@ class CeleryIntegration:
             return self._send_task(name, args, kwargs, **options)
         if retried:
             return self._publish_retry(name, args, kwargs, options)
+        result, job = self.capture(name, args, kwargs, options)
+        self.database.stager.stage([job], target)
+        return result
+
+    def capture(self, name: str, args: Any, kwargs: Any, options: dict[str, Any]) -> tuple[Any, StagedJob]:
+        """Run Celery's whole message preparation with a producer that captures instead of
+        sending, the message stamped as staged: Celery's ``AsyncResult`` and the job to stage (or
+        to hold for a hand-off, ``handoff.py``). Arguments the serializer refuses raise
+        :class:`~reliable_job.errors.NotSerializableError` here, at the call."""
+        assert self._send_task is not None
         task_id = options.get("task_id") or uuid()
         options["task_id"] = task_id
         stamp(options)
@@ -122,9 +132,7 @@ class CeleryIntegration:
         captured = producer.captured
         if captured is None:
             raise StagingError(f"Celery published no message for {name}[{task_id}]")
-        job = StagedJob(task_id, name, captured.queue, captured.to_json(), captured.eta)
-        self.database.stager.stage([job], target)
-        return result
+        return result, StagedJob(task_id, name, captured.queue, captured.to_json(), captured.eta)
 
     def _publish_retry(self, name: str, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
         """A retry of the running job (same id), published directly: its row's due time moves to

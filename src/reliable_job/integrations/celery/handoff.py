@@ -35,12 +35,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kombu.exceptions import EncodeError
-from kombu.utils.uuid import uuid
-
-from reliable_job.errors import NotSerializableError, StagingError
-from reliable_job.integrations.celery.capture import CapturingProducer
-from reliable_job.integrations.celery.stamp import is_stamped, stamp
+from reliable_job.integrations.celery.stamp import is_stamped
 from reliable_job.ports import StagedJob
 
 if TYPE_CHECKING:
@@ -130,31 +125,12 @@ def capture(
 ) -> Any:
     """Prepare the message as ``send_task`` would publish it (stamped as staged), hold it for the
     running job, and return Celery's ``AsyncResult``."""
-    from reliable_job.integrations.celery.app import _skip_result_subscription
-
-    assert runtime._send_task is not None
-    task_id = options.get("task_id") or uuid()
-    options["task_id"] = task_id
-    options.pop("connection", None)
-    options.pop("publisher", None)
-    stamp(options)
-    producer = CapturingProducer(runtime._capture_conn(), auto_declare=False)
-    options["producer"] = producer
-    _skip_result_subscription(runtime.app.backend)
-    try:
-        result = runtime._send_task(name, args, kwargs, **options)
-    except EncodeError as exc:
-        raise NotSerializableError(
-            f"cannot enqueue {name}[{task_id}]: its arguments cannot be serialized: {exc}"
-        ) from exc
-    captured = producer.captured
-    if captured is None:
-        raise StagingError(f"Celery published no message for {name}[{task_id}]")
-    held.jobs.append(StagedJob(task_id, name, captured.queue, captured.to_json(), captured.eta))
+    result, job = runtime.capture(name, args, kwargs, options)
+    held.jobs.append(job)
     logger.debug(
         "holding %s[%s] until job %s hands off",
         name,
-        task_id,
+        job.job_id,
         held.job_id,
         extra={"reliable_job.job_id": held.job_id},
     )
