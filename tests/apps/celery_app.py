@@ -80,6 +80,22 @@ def record(self, marker):
     return marker
 
 
+@app.task(
+    bind=True,
+    reliable_job=True,
+    autoretry_for=(Exception,),
+    retry_backoff=0.5,
+    retry_backoff_max=2,
+    retry_jitter=False,
+    max_retries=60,
+)
+def record_until_recorded(self, marker):
+    """``record``, retried while its own write fails (the database it records in is restarting):
+    a job whose body fails for good is delivered, just not recorded."""
+    _record(self.request.id, marker, self.request.retries)
+    return marker
+
+
 @app.task(bind=True)
 def plain_record(self, marker):
     """No reliable_job option: follows enable_for_all_jobs."""
