@@ -330,15 +330,22 @@ def celery_app(
     database_url: str, table_name: str, redis_url: str, outbox: Table, monkeypatch: pytest.MonkeyPatch
 ):
     """The test app in this process, reconfigured for this test's database, table and Redis."""
+    app, runtime = install_test_app(database_url, table_name, redis_url)
+    yield app
+    runtime.database.engine.dispose()
+
+
+def install_test_app(database_url: str, table_name: str, redis_url: str, **settings: object):
+    """The test app (tests/apps/celery_app.py) in this process on this database, outbox table and
+    Redis, with reliable-job installed with ``settings``: ``(app, runtime)``."""
     from reliable_job.integrations.celery import install
     from tests.apps import celery_app as module
 
     module.app.conf.broker_url = redis_url
     module.app._pool = None  # new broker URL: new connection and producer pools
     module.app.amqp._producer_pool = None
-    runtime = install(module.app, database_url=database_url, table_name=table_name)
-    yield module.app
-    runtime.database.engine.dispose()
+    runtime = install(module.app, database_url=database_url, table_name=table_name, **settings)
+    return module.app, runtime
 
 
 def stage_records(engine: Engine, prefix: str, count: int) -> list[str]:

@@ -17,26 +17,15 @@ from sqlalchemy.orm import Session
 from reliable_job.errors import BrokerUnavailable
 from reliable_job.integrations.celery.broker import is_outage
 from reliable_job.schema import DEAD, PENDING, SENT
-from tests.conftest import outbox_rows, wait_for
+from tests.conftest import install_test_app, outbox_rows, wait_for
 
 MAX_ATTEMPTS = 3
 
 
 def make_app(database_url: str, table_name: str, redis_url: str):
-    from reliable_job.integrations.celery import install
-    from tests.apps import celery_app as module
-
-    module.app.conf.broker_url = redis_url
-    module.app._pool = None
-    module.app.amqp._producer_pool = None
-    runtime = install(
-        module.app,
-        database_url=database_url,
-        table_name=table_name,
-        max_publish_attempts=MAX_ATTEMPTS,
-        backoff_cap=0.05,
+    return install_test_app(
+        database_url, table_name, redis_url, max_publish_attempts=MAX_ATTEMPTS, backoff_cap=0.05
     )
-    return module.app, runtime
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from reliable_job.integrations.celery.message import redis_parts
 from reliable_job.schema import DEAD, PENDING, SENT
-from tests.conftest import outbox_rows, stage_records
+from tests.conftest import install_test_app, outbox_rows, stage_records
 
 MAX_ATTEMPTS = 2
 
@@ -24,20 +24,10 @@ MAX_ATTEMPTS = 2
 @pytest.fixture
 def poison_app(database_url, table_name, redis_url, outbox, monkeypatch):
     """The test app with few publish attempts and a short backoff, so poison rows die quickly."""
-    from reliable_job.integrations.celery import install
-    from tests.apps import celery_app as module
-
-    module.app.conf.broker_url = redis_url
-    module.app._pool = None
-    module.app.amqp._producer_pool = None
-    runtime = install(
-        module.app,
-        database_url=database_url,
-        table_name=table_name,
-        max_publish_attempts=MAX_ATTEMPTS,
-        backoff_cap=0.05,
+    app, runtime = install_test_app(
+        database_url, table_name, redis_url, max_publish_attempts=MAX_ATTEMPTS, backoff_cap=0.05
     )
-    yield module.app
+    yield app
     runtime.database.engine.dispose()
 
 
