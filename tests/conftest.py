@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,6 +303,10 @@ class Services:
             ).all()
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
+    def runs(self) -> Counter[str]:
+        """How many times each task id ran."""
+        return Counter(task_id for task_id, _, _ in self.executed())
+
     def markers(self) -> list[str]:
         return [marker for _, marker, _ in self.executed()]
 
@@ -335,16 +340,19 @@ def celery_app(
     runtime.database.engine.dispose()
 
 
-def install_test_app(database_url: str, table_name: str, redis_url: str, **settings: object):
-    """The test app (tests/apps/celery_app.py) in this process on this database, outbox table and
-    Redis, with reliable-job installed with ``settings``: ``(app, runtime)``."""
+def install_test_app(database_url: str | None, table_name: str, redis_url: str, **settings: object):
+    """The test app (tests/apps/celery_app.py) in this process on this database (or the
+    ``engine=`` in ``settings``), outbox table and Redis, with reliable-job installed with
+    ``settings``: ``(app, runtime)``."""
     from reliable_job.integrations.celery import install
     from tests.apps import celery_app as module
 
     module.app.conf.broker_url = redis_url
     module.app._pool = None  # new broker URL: new connection and producer pools
     module.app.amqp._producer_pool = None
-    runtime = install(module.app, database_url=database_url, table_name=table_name, **settings)
+    if database_url is not None:
+        settings["database_url"] = database_url
+    runtime = install(module.app, table_name=table_name, **settings)
     return module.app, runtime
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -130,3 +131,18 @@ class Stager:
                     job.job_id,
                     extra={"reliable_job.job_id": job.job_id},
                 )
+
+
+def conflicting_ids(jobs: Sequence[StagedJob], inserted: Iterable[str]) -> list[str]:
+    """The ids of ``jobs`` the staging INSERT did not write (``inserted``: the ids its
+    ``ON CONFLICT DO NOTHING ... RETURNING job_id`` returned): already in the outbox, or given
+    twice in one call. Every writer raises :class:`~reliable_job.errors.DuplicateJobError` with
+    them."""
+    left = Counter(inserted)
+    conflicts = []
+    for job in jobs:
+        if left[job.job_id] > 0:
+            left[job.job_id] -= 1
+        else:
+            conflicts.append(job.job_id)
+    return conflicts

@@ -41,21 +41,17 @@ def started(services, proc) -> bool:
     return "relay started" in services.log(proc)
 
 
-def executions_per_task(services) -> Counter[str]:
-    return Counter(task_id for task_id, _, _ in services.executed())
-
-
 def run_worker_until_done(services, engine, outbox, ids: list[str]) -> Counter[str]:
     """Start a worker (its relay off), wait until every job ran and every row is gone."""
     worker = services.worker(relay=False)
     wait_for(
-        lambda: set(executions_per_task(services)) >= set(ids),
+        lambda: set(services.runs()) >= set(ids),
         timeout=120,
         interval=0.5,
         message=f"all {len(ids)} jobs to run",
     )
     wait_for(lambda: count_rows(engine, outbox) == 0, timeout=60, interval=0.2, message="every row deleted")
-    runs = executions_per_task(services)
+    runs = services.runs()
     services.stop(worker)
     return runs
 

@@ -24,9 +24,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from reliable_job.errors import StagingError
-from reliable_job.integrations.celery import install
 from reliable_job.integrations.sqlalchemy import create_outbox_engine
-from tests.conftest import count_rows, stage_records, wait_for
+from tests.conftest import count_rows, install_test_app, stage_records, wait_for
 
 PLAIN = {
     "RJ_TEST_PLAIN_ENGINE": "1"
@@ -52,11 +51,8 @@ def install_in_test_process(app_engine: Engine, table_name: str, redis_url: str)
     application's engine, ``session=`` a ``scoped_session`` on it."""
     from tests.apps import celery_app as module
 
-    module.app.conf.broker_url = redis_url
-    module.app._pool = None  # new broker URL: new connection and producer pools
-    module.app.amqp._producer_pool = None
     session = scoped_session(sessionmaker(app_engine))
-    runtime = install(module.app, engine=app_engine, session=session, table_name=table_name)
+    _, runtime = install_test_app(None, table_name, redis_url, engine=app_engine, session=session)
     return module, session, runtime
 
 
@@ -74,19 +70,15 @@ def shop(request, database_url, table_name, redis_url, outbox) -> Iterator[tuple
     app_engine.dispose()
 
 
-def executions_per_task(services) -> Counter[str]:
-    return Counter(task_id for task_id, _, _ in services.executed())
-
-
 def wait_until_done(services, engine, outbox, ids: list[str]) -> Counter[str]:
     wait_for(
-        lambda: set(executions_per_task(services)) >= set(ids),
+        lambda: set(services.runs()) >= set(ids),
         timeout=180,
         interval=0.5,
         message=f"all {len(ids)} jobs to run",
     )
     wait_for(lambda: count_rows(engine, outbox) == 0, timeout=90, interval=0.2, message="the outbox to empty")
-    return executions_per_task(services)
+    return services.runs()
 
 
 def test_readme_setup_two_workers_run_every_job_exactly_once(services, shop, engine, outbox):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from reliable_job.errors import DuplicateJobError, StagingError
 from reliable_job.ports import StagedJob, as_utc
 from reliable_job.schema import notify_channel, validate_table_name
+from reliable_job.staging import conflicting_ids
 
 
 def _utc(value: datetime | None, connection: Any) -> datetime | None:
@@ -109,11 +109,4 @@ def _insert(connection: Any, jobs: Sequence[StagedJob]) -> list[str]:
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        inserted = Counter(r[0] for r in cursor.fetchall())
-    conflicts = []
-    for j in jobs:
-        if inserted[j.job_id] > 0:
-            inserted[j.job_id] -= 1
-        else:
-            conflicts.append(j.job_id)
-    return conflicts
+        return conflicting_ids(jobs, (r[0] for r in cursor.fetchall()))

@@ -3,7 +3,6 @@ transaction of their own; and the :class:`~reliable_job.staging.Stager` that pic
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -16,7 +15,7 @@ from reliable_job.errors import ConfigurationError, DuplicateJobError, StagingEr
 from reliable_job.integrations.sqlalchemy.statements import OutboxStatements
 from reliable_job.ports import OutboxWriter, StagedJob
 from reliable_job.settings import Settings
-from reliable_job.staging import Stager
+from reliable_job.staging import Stager, conflicting_ids
 
 
 def sqlalchemy_stager(settings: Settings, engine: Engine, statements: OutboxStatements) -> Stager:
@@ -146,14 +145,7 @@ def insert_rows(
     (SQLAlchemy would add ``RETURNING id`` anyway on PostgreSQL).
     """
     stmt = statements.insert_returning(dialect, notify)
-    inserted = Counter(target.execute(stmt, rows[0] if len(rows) == 1 else rows).scalars())
-    conflicts = []
-    for job in jobs:
-        if inserted[job.job_id] > 0:
-            inserted[job.job_id] -= 1
-        else:
-            conflicts.append(job.job_id)
-    return conflicts
+    return conflicting_ids(jobs, target.execute(stmt, rows[0] if len(rows) == 1 else rows).scalars())
 
 
 @contextmanager
