@@ -290,8 +290,10 @@ class Services:
         return self._start("relay", argv, **extra)
 
     def stop(self, proc: Process, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        """``sig``, then its exit status; still running after ``timeout``: killed, and an error."""
-        return proc.stop(sig, timeout, strict=True)
+        """``sig``, then its exit status; still running after ``timeout``: killed, and an error
+        (a worker logs its threads' stacks first: Celery's SIGUSR1 handler)."""
+        dump = signal.SIGUSR1 if proc.name == "worker" else None
+        return proc.stop(sig, timeout, strict=True, dump_signal=dump)
 
     def log(self, proc: Process) -> str:
         return proc.log()

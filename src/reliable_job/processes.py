@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REAP_TIMEOUT = 10.0
+#: How long a process gets to log its stacks after the ``dump_signal`` of :meth:`Process.stop`.
+STACK_DUMP_WAIT = 2.0
 """How long SIGKILL may take to end a process before it counts as stuck."""
 _POLL = 0.02
 
@@ -182,8 +184,8 @@ class Process:
         regex = re.compile(pattern, re.MULTILINE) if isinstance(pattern, str) else pattern
         return self.wait_until(lambda: regex.search(self.log()), timeout, f"/{regex.pattern}/ in its log")
 
-    def _tail_report(self) -> str:
-        return f"last lines of {self.log_path}:\n{self.log_tail()}"
+    def _tail_report(self, lines: int = 25) -> str:
+        return f"last lines of {self.log_path}:\n{self.log_tail(lines)}"
 
     # -- stopping ---------------------------------------------------------------------------------
 
@@ -193,22 +195,35 @@ class Process:
             with suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0, *, strict: bool = False) -> int:
+    def stop(
+        self,
+        sig: int = signal.SIGTERM,
+        timeout: float = 30.0,
+        *,
+        strict: bool = False,
+        dump_signal: int | None = None,
+    ) -> int:
         """Send ``sig``, wait up to ``timeout`` seconds for the exit; return the exit status.
 
-        Still running then: SIGKILL to the whole group, and either a warning and the (``-9``)
-        status or, with ``strict``, :class:`TimeoutError` (the tests: a process that ignores
-        SIGTERM is a failure, not something to paper over)."""
+        Still running then: ``dump_signal`` first if given (a signal that makes the process log
+        its threads' stacks, as SIGUSR1 does to a ``celery worker``, so the report shows where it
+        hung), SIGKILL to the whole group, and either a warning and the (``-9``) status or, with
+        ``strict``, :class:`TimeoutError` (the tests: a process that ignores SIGTERM is a failure,
+        not something to paper over)."""
         if self.poll() is None:
             self.send_signal(sig)
         status = self._reap(timeout)
         if status is not None:
             return status
         logger.warning("%s did not exit within %gs of %s: killing it", self.name, timeout, _name(sig))
+        if dump_signal is not None:
+            self.send_signal(dump_signal)
+            self._reap(STACK_DUMP_WAIT)  # time to log the stacks (it may exit meanwhile)
         status = self.kill()
         if strict:
             raise TimeoutError(
-                f"{self.name} still ran {timeout:g}s after {_name(sig)} (killed); {self._tail_report()}"
+                f"{self.name} still ran {timeout:g}s after {_name(sig)} (killed); "
+                f"{self._tail_report(150 if dump_signal is not None else 25)}"
             )
         return status
 

@@ -76,3 +76,15 @@ def test_wait_for_returns_the_value_or_times_out():
     with pytest.raises(TimeoutError, match="the impossible"):
         wait_for(lambda: False, timeout=0.1, interval=0.01, message="the impossible")
     assert 0 < free_port() < 65536
+
+
+def test_a_hung_process_can_log_its_stacks_before_it_is_killed(tmp_path):
+    """``dump_signal``: what the process logs on it is in the error (a hung worker's stacks)."""
+    code = "import faulthandler, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+    code += "; faulthandler.register(signal.SIGUSR1, file=sys.stdout, all_threads=True)"
+    code += "; print('up', flush=True); time.sleep(300)"
+    proc = Process(python(code), tmp_path / "d.log")
+    proc.wait_for_line("up", timeout=30)
+    with pytest.raises(TimeoutError, match=r"(.|\n)*time\.sleep|<string>"):
+        proc.stop(timeout=0.5, strict=True, dump_signal=signal.SIGUSR1)
+    assert proc.poll() == -signal.SIGKILL
