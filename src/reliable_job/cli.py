@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reliable_job.cli_jobs import add_jobs_commands
 from reliable_job.errors import ReliableJobError
 from reliable_job.ports import OutboxStatus
 from reliable_job.relay import Relay, RelayGroup
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retry-dead", help="put dead rows back to pending")
     db_options(p)
     p.set_defaults(func=cmd_retry_dead)
+    add_jobs_commands(sub, db_options)  # jobs list|show|retry-dead|purge|publish-now (cli_jobs.py)
 
     p = sub.add_parser("demo", help="run the end-to-end demo on embedded defaults")
     p.add_argument("--database-url", help="use this database instead of a temporary SQLite file")

@@ -6,7 +6,7 @@ fakes for unit tests of the core.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -265,3 +265,87 @@ class OutboxDatabase(OutboxStore, Protocol):
 
     def close(self) -> None:
         """Release what the database layer holds (connections kept by completion)."""
+
+
+# -- job tools: the operator's view of the outbox (``reliable-job jobs``, the Django admin) -------
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which rows a job tool reads or changes. Every field narrows; the empty filter is every row.
+
+    ``task`` is a task name, or a pattern where ``*`` stands for any characters (the only wildcard:
+    ``%`` and ``_`` are literal). ``created_before`` is aware UTC (``--older-than``: staged before
+    it). ``ids`` are outbox row ids, ``job_ids`` Celery task ids; both given, a row matches either.
+    ``waiting``: only pending rows not due yet (waiting on a publish backoff).
+    """
+
+    states: tuple[str, ...] = ()
+    task: str | None = None
+    created_before: datetime | None = None
+    ids: tuple[int, ...] = ()
+    job_ids: tuple[str, ...] = ()
+    waiting: bool = False
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One outbox row as the job tools show it: times are aware UTC; ``message`` (the stored
+    envelope, JSON text) only when asked for (``jobs show``), else ``None``. ``database`` names the
+    database it lives in where there are several (a Django alias), else ``""``."""
+
+    id: int
+    job_id: str
+    task_name: str
+    queue: str
+    state: str
+    attempts: int
+    last_error: str | None
+    created_at: datetime | None
+    eta: datetime | None
+    available_at: datetime | None
+    sent_at: datetime | None
+    updated_at: datetime | None
+    message: str | None = None
+    database: str = ""
+
+
+class JobAction:
+    """What :meth:`OutboxAdmin.change_jobs` does to each matching row. Each action re-checks the
+    row's state in its own statement, so a row that moved on meanwhile is left alone."""
+
+    RETRY_DEAD = "retry-dead"
+    """Dead rows back to pending (attempts 0, due at once)."""
+    PURGE = "purge"
+    """Delete the rows (only in the filter's states: the caller decides which it allows)."""
+    PUBLISH_NOW = "publish-now"
+    """Pending rows waiting on a publish backoff: due now. (On SQLite, rows due within a relay's
+    claim lease are left alone: they may be in a relay's hands.)"""
+    ALL = (RETRY_DEAD, PURGE, PUBLISH_NOW)
+
+
+class OutboxAdmin(Protocol):
+    """Reading and changing outbox rows on an operator's behalf (``reliable-job jobs``, the
+    Django admin). Long changes go in batches of ``batch_size`` row ids, each batch its own short
+    transaction (the relays are never held up behind one long statement)."""
+
+    def find_jobs(self, where: JobFilter, *, limit: int | None = None) -> Sequence[JobRow]:
+        """Matching rows in id order (without their message), at most ``limit``."""
+
+    def count_jobs(self, where: JobFilter) -> int: ...
+
+    def get_jobs(self, key: str) -> Sequence[JobRow]:
+        """The rows whose row id or job id is ``key``, with their message (several only where
+        there are several databases)."""
+
+    def change_jobs(
+        self,
+        action: str,
+        where: JobFilter,
+        *,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Apply ``action`` (a :class:`JobAction` value) to the matching rows, ``batch_size`` ids
+        per transaction; ``progress`` is called with the running total after each batch.
+        Returns how many rows changed."""

@@ -5,23 +5,33 @@ They follow the same contract as the real adapters; they are not for production.
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable, DuplicateJobError
-from reliable_job.ports import ClaimedRow, OutboxStatus, OutboxWriter, SentRow, StagedJob
+from reliable_job.ports import (
+    ClaimedRow,
+    JobAction,
+    JobFilter,
+    JobRow,
+    OutboxStatus,
+    OutboxWriter,
+    SentRow,
+    StagedJob,
+)
 from reliable_job.schema import DEAD, PENDING, SENT
 from reliable_job.settings import Settings
 from reliable_job.staging import Stager
 
 if TYPE_CHECKING:
-    from reliable_job.ports import Broker, OutboxDatabase, Wakeup
+    from reliable_job.ports import Broker, OutboxAdmin, OutboxDatabase, Wakeup
 
 
 @dataclass
@@ -236,6 +246,96 @@ class InMemoryStore:
                 r.state, r.attempts, r.available_at = PENDING, 0, 0.0
             return len(dead)
 
+    # -- job tools (reliable_job.ports.OutboxAdmin) ---------------------------------------------
+
+    def _matches(self, r: FakeRow, where: JobFilter) -> bool:
+        if where.states and r.state not in where.states:
+            return False
+        if where.task and not fnmatch.fnmatchcase(
+            r.job.task_name, where.task.replace("[", "[[]").replace("?", "[?]")
+        ):
+            return False
+        if where.created_before is not None and r.created_at > where.created_before.timestamp():
+            return False
+        if where.waiting and not (r.state == PENDING and r.available_at > time.time()):
+            return False
+        if where.ids or where.job_ids:
+            return r.id in where.ids or r.job.job_id in where.job_ids
+        return True
+
+    def _job_row(self, r: FakeRow, *, message: bool = False) -> JobRow:
+        def at(value: float) -> datetime | None:
+            return datetime.fromtimestamp(value, timezone.utc) if value else None
+
+        return JobRow(
+            id=r.id,
+            job_id=r.job.job_id,
+            task_name=r.job.task_name,
+            queue=r.job.queue,
+            state=r.state,
+            attempts=r.attempts,
+            last_error=r.last_error,
+            created_at=at(r.created_at),
+            eta=r.job.eta,
+            available_at=at(r.available_at),
+            sent_at=at(r.sent_at),
+            updated_at=at(r.created_at),
+            message=r.job.message if message else None,
+        )
+
+    def find_jobs(self, where: JobFilter, *, limit: int | None = None) -> list[JobRow]:
+        with self._lock:
+            rows = [self._job_row(r) for _, r in sorted(self.rows.items()) if self._matches(r, where)]
+        return rows if limit is None else rows[:limit]
+
+    def count_jobs(self, where: JobFilter) -> int:
+        with self._lock:
+            return sum(self._matches(r, where) for r in self.rows.values())
+
+    def get_jobs(self, key: str) -> list[JobRow]:
+        with self._lock:
+            return [
+                self._job_row(r, message=True)
+                for _, r in sorted(self.rows.items())
+                if r.job.job_id == key or str(r.id) == key
+            ]
+
+    def change_jobs(
+        self,
+        action: str,
+        where: JobFilter,
+        *,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        if action not in JobAction.ALL:
+            raise ValueError(f"unknown job action {action!r}")
+        with self._lock:
+            ids = [i for i, r in sorted(self.rows.items()) if self._matches(r, where)]
+        total = 0
+        for start in range(0, len(ids), max(1, batch_size)):
+            with self._lock:
+                for i in ids[start : start + batch_size]:
+                    r = self.rows.get(i)
+                    if r is None or i in self._locked:
+                        continue
+                    if action == JobAction.RETRY_DEAD and r.state == DEAD:
+                        r.state, r.attempts, r.available_at = PENDING, 0, 0.0
+                    elif action == JobAction.PURGE and r.state in (where.states or (DEAD,)):
+                        del self.rows[i]
+                    elif (
+                        action == JobAction.PUBLISH_NOW
+                        and r.state == PENDING
+                        and r.available_at > time.time()
+                    ):
+                        r.available_at = time.time()
+                    else:
+                        continue
+                    total += 1
+            if progress is not None:
+                progress(total)
+        return total
+
 
 class InMemoryBroker:
     """Collects published messages. Set ``down`` to simulate an outage, ``reject`` to refuse
@@ -299,5 +399,6 @@ if TYPE_CHECKING:
 
     def _conforms(store: InMemoryStore, broker: InMemoryBroker, wakeup: InMemoryWakeup) -> None:
         database: OutboxDatabase = store
+        admin: OutboxAdmin = store
         ports: tuple[Broker, Wakeup] = (broker, wakeup)
-        del database, ports
+        del database, admin, ports

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase
     from reliable_job.integrations.sqlalchemy.claims import ClaimBySelect, ClaimByUpdate
     from reliable_job.integrations.sqlalchemy.listen import PostgresListener
-    from reliable_job.ports import OutboxDatabase
+    from reliable_job.ports import JobFilter, JobRow, OutboxAdmin, OutboxDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -247,8 +248,55 @@ class DjangoOutbox:
         """:meth:`close` (its former name)."""
         self.close()
 
+    # -- job tools (reliable_job.ports.OutboxAdmin), on every alias or on ``alias`` ------------
+    # Row ids are per database: each row found says which alias it is in (JobRow.database).
+
+    def find_jobs(
+        self, where: JobFilter, *, limit: int | None = None, alias: str | None = None
+    ) -> list[JobRow]:
+        found: list[JobRow] = []
+        for name in [alias] if alias else self.aliases():
+            left = None if limit is None else limit - len(found)
+            if left is not None and left <= 0:
+                break
+            found += [replace(row, database=name) for row in self.store(name).find_jobs(where, limit=left)]
+        return found
+
+    def count_jobs(self, where: JobFilter, *, alias: str | None = None) -> int:
+        return sum(store.count_jobs(where) for store in self._each(alias))
+
+    def get_jobs(self, key: str, *, alias: str | None = None) -> list[JobRow]:
+        return [
+            replace(row, database=name)
+            for name in ([alias] if alias else self.aliases())
+            for row in self.store(name).get_jobs(key)
+        ]
+
+    def change_jobs(
+        self,
+        action: str,
+        where: JobFilter,
+        *,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+        alias: str | None = None,
+    ) -> int:
+        total = 0
+        for store in self._each(alias):
+            done = total
+
+            def report(count: int, done: int = done) -> None:
+                if progress is not None:
+                    progress(done + count)
+
+            total += store.change_jobs(action, where, batch_size=batch_size, progress=report)
+        return total
+
 
 if TYPE_CHECKING:
 
     def _conforms(outbox: DjangoOutbox) -> OutboxDatabase:
+        return outbox
+
+    def _administers(outbox: DjangoOutbox) -> OutboxAdmin:
         return outbox

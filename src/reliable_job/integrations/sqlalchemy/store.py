@@ -4,7 +4,7 @@ relay, completion and the CLI use (:class:`~reliable_job.ports.OutboxDatabase`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
@@ -30,7 +30,8 @@ from reliable_job.ports import OutboxStatus, SentRow, StagedJob, as_utc
 from reliable_job.settings import Settings
 
 if TYPE_CHECKING:
-    from reliable_job.ports import OutboxDatabase
+    from reliable_job.integrations.sqlalchemy.admin_queries import OutboxAdminQueries
+    from reliable_job.ports import JobFilter, JobRow, OutboxAdmin, OutboxDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +212,42 @@ class SQLAlchemyDatabase:
         with unavailable_as_error():
             self.table.metadata.create_all(self.engine, tables=[self.table])
 
+    # -- job tools (reliable_job.ports.OutboxAdmin: the queries in admin_queries.py) ----------
+
+    @property
+    def admin(self) -> OutboxAdminQueries:
+        """The job tools' queries on this table (made on first use)."""
+        queries: OutboxAdminQueries | None = self.__dict__.get("_admin")
+        if queries is None:
+            from reliable_job.integrations.sqlalchemy.admin_queries import OutboxAdminQueries
+
+            queries = self.__dict__["_admin"] = OutboxAdminQueries(self.engine, self.table)
+        return queries
+
+    def find_jobs(self, where: JobFilter, *, limit: int | None = None) -> list[JobRow]:
+        return self.admin.find_jobs(where, limit=limit)
+
+    def count_jobs(self, where: JobFilter) -> int:
+        return self.admin.count_jobs(where)
+
+    def get_jobs(self, key: str) -> list[JobRow]:
+        return self.admin.get_jobs(key)
+
+    def change_jobs(
+        self,
+        action: str,
+        where: JobFilter,
+        *,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        return self.admin.change_jobs(action, where, batch_size=batch_size, progress=progress)
+
 
 if TYPE_CHECKING:
 
     def _conforms(settings: Settings) -> OutboxDatabase:
+        return SQLAlchemyDatabase(settings)
+
+    def _administers(settings: Settings) -> OutboxAdmin:
         return SQLAlchemyDatabase(settings)

@@ -1,15 +1,56 @@
-"""``manage.py reliable_job relay | status [--json] | retry-dead``: the ``reliable-job`` command's
-database commands on the project's Django databases."""
+"""``manage.py reliable_job relay | status [--json] | retry-dead | jobs ...``: the ``reliable-job``
+command's database commands on the project's Django databases (``jobs list|show|retry-dead|purge|
+publish-now``: the job tools of :mod:`reliable_job.cli_jobs`, on every outbox alias or
+``--database``)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from reliable_job import cli
+from reliable_job import cli, cli_jobs
 from reliable_job.errors import ReliableJobError
+from reliable_job.ports import JobFilter, JobRow
+
+
+def _jobs_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--app", help="the Celery app, as module:attribute (default: found)")
+    p.add_argument("--database", help="one database alias (default: every outbox)")
+
+
+class AliasAdmin:
+    """The job tools (:class:`~reliable_job.ports.OutboxAdmin`) on every outbox alias, or on one."""
+
+    def __init__(self, outbox: Any, alias: str | None) -> None:
+        self.outbox = outbox
+        self.alias = alias
+
+    def find_jobs(self, where: JobFilter, *, limit: int | None = None) -> Sequence[JobRow]:
+        rows: Sequence[JobRow] = self.outbox.find_jobs(where, limit=limit, alias=self.alias)
+        return rows
+
+    def count_jobs(self, where: JobFilter) -> int:
+        return int(self.outbox.count_jobs(where, alias=self.alias))
+
+    def get_jobs(self, key: str) -> Sequence[JobRow]:
+        rows: Sequence[JobRow] = self.outbox.get_jobs(key, alias=self.alias)
+        return rows
+
+    def change_jobs(
+        self,
+        action: str,
+        where: JobFilter,
+        *,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        return int(
+            self.outbox.change_jobs(action, where, batch_size=batch_size, progress=progress, alias=self.alias)
+        )
 
 
 def runtime_for(spec: str | None) -> Any:
@@ -45,6 +86,9 @@ class Command(BaseCommand):
             p.add_argument("--app", help="the Celery app, as module:attribute (default: found)")
         for p in (status, retry):
             p.add_argument("--database", help="one database alias (default: every outbox)")
+        # -- job tools: jobs list|show|retry-dead|purge|publish-now (reliable_job.cli_jobs) --
+        jobs = sub.add_parser("jobs", help="list, show, retry, purge and publish jobs")
+        cli_jobs.add_jobs_arguments(jobs, _jobs_options)
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not logging.getLogger().handlers:  # an entry point, like the reliable-job command
@@ -60,6 +104,13 @@ class Command(BaseCommand):
             elif action == "status":
                 status = runtime.database.status(options["database"])
                 self.stdout.write(cli.format_status(status, as_json=options["json"]))
+            elif action == "jobs":
+                admin = AliasAdmin(runtime.database, options["database"])
+                status = cli_jobs.run_jobs(argparse.Namespace(**options), admin, self.stdout, self.stderr)
+                if status:
+                    raise CommandError(
+                        f"jobs {options['jobs_command']}: exit status {status}", returncode=status
+                    )
             else:
                 self.stdout.write(cli.format_retried(runtime.database.retry_dead(options["database"])))
         except ReliableJobError as exc:
