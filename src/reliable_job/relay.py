@@ -242,10 +242,26 @@ class Relay:
         return backoff_delay(self._outage_attempts, cap=self.backoff_cap)
 
     def _on_success(self) -> None:
+        self.last_pass_at = time.time()
         if self._outage_since is not None:
             logger.warning("relay resumed after %.1fs", time.monotonic() - self._outage_since)
             self._outage_since = None
             self._outage_attempts = 0
+
+    # -- what monitoring reads (celery inspect stats: integrations/celery/visibility.py) ---------
+
+    last_pass_at: float | None = None
+    """Wall-clock time (``time.time()``) of the end of the last pass that reached the database and
+    the broker, or ``None`` before the first one."""
+
+    @property
+    def outage_since(self) -> float | None:
+        """Wall-clock time (``time.time()``) at which the current outage began (the database or
+        the broker unreachable, or a pass failing), or ``None`` when the relay is not paused."""
+        since = self._outage_since
+        if since is None:
+            return None
+        return time.time() - (time.monotonic() - since)
 
 
 class RelayGroup:

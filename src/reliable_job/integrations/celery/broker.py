@@ -40,6 +40,7 @@ from reliable_job.errors import BrokerUnavailable
 from reliable_job.integrations.celery import kombu_path, lost, redis_fast_path
 from reliable_job.integrations.celery.decoding import Route
 from reliable_job.integrations.celery.refusals import from_redis, is_outage
+from reliable_job.integrations.celery.sent_events import SentEvents
 from reliable_job.ports import ClaimedRow, SentRow
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class KombuBroker:
         """Parsed routing fields by their JSON text: most rows of a batch share a handful."""
         self.fast_path = True
         """Use the Redis fast path where it applies (tests turn it off to compare both paths)."""
+        self.sent_events = SentEvents(app)
+        """Celery's ``task-sent`` event for each published job (``task_send_sent_event``)."""
 
     def _ensure_producer(self) -> Any:
         if self._producer is None:
@@ -80,6 +83,12 @@ class KombuBroker:
             raise self._unavailable(exc) from exc
 
     def publish(self, rows: Sequence[ClaimedRow]) -> Mapping[int, Exception]:
+        failures = self._publish(rows)
+        if self.sent_events.enabled:  # Celery's task-sent, when the app sends it: sent_events.py
+            self.sent_events.send(self._producer, [row for row in rows if row.id not in failures])
+        return failures
+
+    def _publish(self, rows: Sequence[ClaimedRow]) -> Mapping[int, Exception]:
         try:
             producer = self._ensure_producer()
             channel = redis_fast_path.redis_channel(self._connection, producer) if self.fast_path else None

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps, signals, states
 
-from reliable_job.integrations.celery import handoff
+from reliable_job.integrations.celery import handoff, visibility
 from reliable_job.integrations.celery.stamp import is_stamped
 
 if TYPE_CHECKING:
@@ -45,6 +45,11 @@ class RelayStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self.thread.join(timeout=30)
 
     shutdown = stop
+
+    def info(self, worker: Any) -> dict[str, object]:
+        """This relay's figures in ``celery inspect stats`` (and Flower's worker page), under
+        ``reliable_job`` (:func:`~reliable_job.integrations.celery.visibility.relay_stats`)."""
+        return {visibility.STATS_KEY: visibility.relay_stats(self.relay)}
 
 
 def _runtime_for(task: Any, request: Any) -> Any:

@@ -12,6 +12,8 @@ class ReliableJobConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from reliable_job.integrations.django import runtime
+        from reliable_job.integrations.django import checks, runtime
+
+        checks.register_all()
 
         runtime.on_django_ready()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from reliable_job.errors import ConfigurationError
-from reliable_job.settings import Settings
+from reliable_job.schema import DEFAULT_TABLE_NAME, validate_table_name
+from reliable_job.settings import ENV_PREFIX, Settings
 
 DEFAULT_ALIAS = "default"
 
@@ -78,5 +80,30 @@ def _refuse_database_location(
 
 
 def table_name() -> str:
-    """The outbox table's name (``RELIABLE_JOB["table_name"]``, default ``reliable_job_outbox``)."""
-    return read()[0].table_name
+    """The outbox table's name (``RELIABLE_JOB["table_name"]``, else ``RELIABLE_JOB_TABLE_NAME``,
+    default ``reliable_job_outbox``), read on its own: other settings that are wrong do not stop
+    the model or the migration (the system checks report them, ``checks.py``). An invalid name
+    raises :class:`ConfigurationError`."""
+    name = given_table_name()
+    return validate_table_name(name)  # type: ignore[arg-type]  # validated: str or error
+
+
+def given_table_name() -> object:
+    """The table name as configured, not validated (``RELIABLE_JOB``, then the environment)."""
+    from django.conf import settings
+
+    raw = getattr(settings, "RELIABLE_JOB", None) or {}
+    name = raw.get("table_name") if isinstance(raw, Mapping) else None
+    if name is None:
+        name = os.environ.get(f"{ENV_PREFIX}TABLE_NAME") or DEFAULT_TABLE_NAME
+    return name
+
+
+def model_table_name() -> str:
+    """The model's table when Django starts: the configured name, or the default one when it is
+    invalid, so that Django starts and ``manage.py check`` reports it (``reliable_job.E004``;
+    migrating, staging and relaying refuse it)."""
+    try:
+        return table_name()
+    except ConfigurationError:
+        return DEFAULT_TABLE_NAME

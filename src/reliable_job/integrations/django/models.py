@@ -17,7 +17,7 @@ from reliable_job.integrations.django import schema as django_schema
 def _build() -> Any:
     attrs: dict[str, Any] = {"__module__": __name__, "__qualname__": "OutboxJob"}
     attrs.update(django_schema.fields())
-    meta = dict(django_schema.options(conf.table_name()), app_label="reliable_job")
+    meta = dict(django_schema.options(conf.model_table_name()), app_label="reliable_job")
     attrs["Meta"] = type("Meta", (), meta)
     attrs["__str__"] = lambda self: f"{self.task_name}[{self.job_id}] {self.state}"
     return type("OutboxJob", (models.Model,), attrs)

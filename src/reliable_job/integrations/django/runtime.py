@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from reliable_job.errors import ConfigurationError
 from reliable_job.integrations.celery.app import CeleryIntegration
 from reliable_job.integrations.celery.app import install as celery_install
 from reliable_job.integrations.django import conf
@@ -37,6 +38,9 @@ def install(app: Any) -> CeleryIntegration:
     if existing is not None:
         return existing
     settings, options = conf.read(app=app)
+    from reliable_job.integrations.django.misconfigured import restore
+
+    restore(app)  # left misconfigured when Django started, valid now
     outbox = DjangoOutbox(app, settings, options)
     return celery_install(app, database=outbox, settings=settings)
 
@@ -48,7 +52,12 @@ def _is_django_app(app: Any) -> bool:
 
 def _install_if_django(app: Any) -> None:
     if getattr(app, "reliable_job", None) is None and _is_django_app(app):
-        install(app)
+        try:
+            install(app)
+        except ConfigurationError as exc:  # Django starts; `manage.py check` reports it
+            from reliable_job.integrations.django.misconfigured import leave_misconfigured
+
+            leave_misconfigured(app, exc)
 
 
 def on_django_ready() -> None:
