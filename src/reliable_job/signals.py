@@ -18,7 +18,7 @@ The signals, their arguments, and where they are sent:
 - :data:`job_published`: ``rows`` (the :class:`~reliable_job.ports.ClaimedRow` published by one
   relay pass: ``job_id``, ``message``, ``attempts``), sent after the pass committed. The task name
   is in the stored message (for Celery:
-  :func:`reliable_job.integrations.celery.message.task_name_of`); decoding it is left to the
+  :func:`reliable_job.integrations.celery.decoding.task_name_of`); decoding it is left to the
   receivers that want it, so the relay does not pay for it.
 - :data:`job_publish_failed`: ``failures`` (``(row, error)`` pairs, rows the broker refused in one
   pass; retried with backoff, or dead after ``max_publish_attempts``) and ``error`` (text: the

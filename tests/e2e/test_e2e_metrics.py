@@ -159,3 +159,15 @@ def test_worker_metrics_port_prefork_multiprocess(services, celery_app, engine, 
     assert value(scraped, "reliable_job_relay_last_pass_timestamp_seconds") > 0
     assert value(scraped, "reliable_job_dead_total", reason="final_failure") == 0
     assert services.stop(worker) == 0
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_job_published_rows_give_their_task_names(celery_app, engine, outbox):
+    """A receiver of job_published reads the task name from each stored row."""
+    from reliable_job.integrations.celery.decoding import task_name_of
+    from tests.conftest import outbox_rows
+
+    stage_records(engine, "t", 2)
+    names = {task_name_of(str(row["message"])) for row in outbox_rows(engine, outbox)}
+    assert names == {"tests.apps.celery_app.record"}
+    assert task_name_of("not json") is None
