@@ -45,6 +45,8 @@ def non_default_values(tmp_path: Path) -> dict[str, Any]:
         "completion_interval": 0.5,
         "redeliver_after": 120.0,
         "lost_check_after": 30.0,
+        "metrics_port": 9808,
+        "metrics_addr": "127.0.0.1",
     }
 
 
@@ -128,6 +130,18 @@ def _lost_check_after(runtime: Any, value: Any) -> None:
     assert all(each == value for each in seen), f"relay.recovery.lost_check_after: {seen}"
 
 
+def _metrics_step(runtime: Any, name: str, value: Any) -> None:
+    """The worker's metrics bootstep is on and serves where the setting says (not started here)."""
+    from reliable_job.integrations.celery.metrics_step import MetricsStep
+    from reliable_job.integrations.prometheus import register
+
+    step = MetricsStep(SimpleNamespace(app=runtime.app))
+    register().disconnect()  # the step counts from now on in this process: not in the tests
+    assert step.enabled is bool(step.runtime.settings.metrics_port)
+    assert step.enabled or name != "metrics_port"
+    assert getattr(step.runtime.settings, name) == value
+
+
 PROBES: dict[str, Callable[[Any, Any], None]] = {
     "enable_for_all_jobs": _enable_for_all_jobs,
     "preserve_dead_jobs": _preserve_dead_jobs,
@@ -146,6 +160,8 @@ PROBES: dict[str, Callable[[Any, Any], None]] = {
     "completion_interval": _completion_interval,
     "redeliver_after": _relay_attribute("redeliver_after"),
     "lost_check_after": _lost_check_after,
+    "metrics_port": lambda runtime, value: _metrics_step(runtime, "metrics_port", value),
+    "metrics_addr": lambda runtime, value: _metrics_step(runtime, "metrics_addr", value),
 }
 """One probe per setting; the guard below fails when a setting has none."""
 

@@ -60,8 +60,25 @@ def cmd_relay(args: argparse.Namespace) -> int:
         app.connection_for_write().get_transport_cls()  # validates the broker URL
     except Exception as exc:
         raise ReliableJobError(f"bad broker URL: {type(exc).__name__}: {exc}") from exc
-    run_until_signalled(runtime.relay())
+    relay = runtime.relay()
+    if args.metrics_port:
+        serve_metrics(args.metrics_port, args.metrics_addr, runtime.database)
+    run_until_signalled(relay)
     return 0
+
+
+def serve_metrics(port: int, addr: str, database: Any) -> None:
+    """``/metrics`` on ``addr:port`` for this relay process (the ``metrics`` extra)."""
+    try:
+        from reliable_job.integrations.prometheus import serve
+    except ImportError:
+        raise ReliableJobError(
+            "--metrics-port needs prometheus_client: pip install 'reliable-job[metrics]'"
+        ) from None
+    try:
+        serve(port, addr, database=database)
+    except OSError as exc:
+        raise ReliableJobError(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
 
 
 def run_until_signalled(relay: Relay | RelayGroup) -> None:
@@ -149,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("relay", help="publish staged jobs to the broker until SIGTERM/SIGINT")
     p.add_argument("--app", required=True, help="the Celery app, as module:attribute")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (extra: metrics)")
+    p.add_argument("--metrics-addr", default="0.0.0.0", help="metrics address (default: all interfaces)")  # noqa: S104
     db_options(p)
     p.set_defaults(func=cmd_relay)
 

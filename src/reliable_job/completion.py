@@ -11,6 +11,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from reliable_job import signals
 from reliable_job.ports import OutboxStore, StagedJob
 from reliable_job.settings import Settings
 
@@ -83,6 +84,8 @@ class Completion:
     # -- the task's outcome ----------------------------------------------------------------------
 
     def succeeded(self, job_id: str) -> None:
+        if signals.job_completed.receivers:
+            signals.job_completed.send(self, outcome="succeeded", job_ids=[job_id])
         if self.interval > 0:
             self._add(job_id)
             return
@@ -95,13 +98,18 @@ class Completion:
                 extra={"reliable_job.job_id": job_id},
             )
 
-    def failed(self, job_id: str, error: str) -> None:
+    def failed(self, job_id: str, error: str, *, outcome: str = "failed") -> None:
+        """The job failed for good; ``outcome`` (``failed``, ``revoked``, ``expired``,
+        ``rejected``) is what :data:`~reliable_job.signals.job_completed` reports."""
+        if signals.job_completed.receivers:
+            signals.job_completed.send(self, outcome=outcome, job_ids=[job_id])
         if not self.preserve_dead_jobs and self.interval > 0:
             self._add(job_id)
             return
         try:
             if self.preserve_dead_jobs:
-                self.store.bury(job_id, error)
+                if self.store.bury(job_id, error) and signals.job_dead.receivers:
+                    signals.job_dead.send(self, reason="final_failure", count=1, job_ids=[job_id])
             else:
                 self.store.complete_many([job_id])
         except Exception:
@@ -129,6 +137,9 @@ class Completion:
         again after ``redeliver_after`` and publishes its continuations then (a duplicate, never a
         loss). Returns whether the hand-off was written.
         """
+        if signals.job_completed.receivers:
+            outcome = "succeeded" if error is None else "failed"
+            signals.job_completed.send(self, outcome=outcome, job_ids=[job_id])
         try:
             self.store.hand_off(
                 job_id,
@@ -145,6 +156,8 @@ class Completion:
                 extra={"reliable_job.job_id": job_id},
             )
             return False
+        if error is not None and self.preserve_dead_jobs and signals.job_dead.receivers:
+            signals.job_dead.send(self, reason="final_failure", count=1, job_ids=[job_id])
         return True
 
     # -- the buffer ------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class OutboxStatus:
     sent: int
     dead: int
     oldest_pending_seconds: float | None
+    oldest_sent_seconds: float | None = None
+    """Age of the oldest ``sent`` row (published, not completed): a growing value shows stuck
+    completions (workers not running the jobs, or not reporting them)."""
 
     def as_dict(self) -> dict[str, int | float | None]:
         return {

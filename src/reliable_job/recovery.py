@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import cast
 
+from reliable_job import signals
 from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable
 from reliable_job.ports import Broker, MessageLocator, OutboxStore, SentRow, SentRows, Whereabouts
 
@@ -116,6 +117,7 @@ class Recovery:
             return 0
         note = f"message lost by the broker (missing {self.lost_check_after:.0f}s after publishing)"
         requeued, dead = self._requeue(lost, note)
+        _signal(self, "lost", requeued, dead)
         if requeued:
             logger.warning(
                 "%d job(s) published %.0fs ago or more are no longer on the broker (not queued, "
@@ -148,6 +150,7 @@ class Recovery:
                 return
         else:
             requeued, dead = self.store.requeue_unfinished(self.redeliver_after, self.max_deliveries)
+        _signal(self, "redeliver_after", requeued, dead)
         if requeued:
             logger.warning(
                 "%d job(s) published more than %.0fs ago never completed: publishing them again",
@@ -179,3 +182,12 @@ class Recovery:
     def _requeue(self, rows: Sequence[SentRow], note: str) -> tuple[int, int]:
         assert self.rows is not None
         return self.rows.requeue_sent(rows, self.max_deliveries, note)
+
+
+def _signal(sender: Recovery, reason: str, requeued: int, dead: int) -> None:
+    """Tell :mod:`reliable_job.signals`' receivers what a check did (counts only: the store does
+    not say which of the rows it was given it requeued)."""
+    if requeued and signals.job_redelivered.receivers:
+        signals.job_redelivered.send(sender, count=requeued, reason=reason)
+    if dead and signals.job_dead.receivers:
+        signals.job_dead.send(sender, reason="never_completed", count=dead, job_ids=None)

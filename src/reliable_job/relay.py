@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from reliable_job import signals
 from reliable_job.backoff import backoff_delay
 from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable, UnknownMessageFormat
 from reliable_job.ports import Broker, Claim, ClaimedRow, OutboxStore, Wakeup
@@ -103,14 +104,21 @@ class Relay:
 
     def run_once(self) -> int:
         """Claim, publish and mark one batch; return how many rows it held."""
+        started = time.perf_counter() if signals.relay_pass.receivers else 0.0
         self.broker.connect()  # never hold claimed rows while waiting for a broker connection
         with self.store.claim(self.batch_size) as claim:
             rows = claim.rows
             if not rows:
+                if started:
+                    signals.relay_pass.send(
+                        self, duration=time.perf_counter() - started, published=0, handled=0
+                    )
                 return 0
             failures = self.broker.publish(rows)
             sent = [row.id for row in rows if row.id not in failures]
             claim.mark_sent(sent)
+            dead: list[str] = []
+            refused: list[tuple[ClaimedRow, str]] = []
             for row in rows:
                 error = failures.get(row.id)
                 if error is None:
@@ -120,6 +128,7 @@ class Relay:
                     continue
                 attempts = row.attempts + 1
                 text = f"{type(error).__name__}: {error}"
+                refused.append((row, text))
                 if attempts >= self.max_publish_attempts:
                     logger.error(
                         "job %s cannot be published after %d attempts, set dead: %s",
@@ -129,6 +138,7 @@ class Relay:
                         extra={"reliable_job.job_id": row.job_id},
                     )
                     claim.mark_failed(row, text, retry_in=None)
+                    dead.append(row.job_id)
                 else:
                     retry_in = backoff_delay(attempts, cap=self.backoff_cap)
                     logger.warning(
@@ -141,7 +151,31 @@ class Relay:
                     )
                     claim.mark_failed(row, text, retry_in=retry_in)
         self.published += len(sent)
+        if started or failures or signals.job_published.receivers:
+            self._signal_pass(rows, sent, refused, dead, started)
         return len(rows)
+
+    def _signal_pass(
+        self,
+        rows: Sequence[ClaimedRow],
+        sent: Sequence[int],
+        refused: Sequence[tuple[ClaimedRow, str]],
+        dead: Sequence[str],
+        started: float,
+    ) -> None:
+        """A pass with rows committed: tell the receivers of :mod:`reliable_job.signals`, once
+        per signal for the whole batch."""
+        if sent and signals.job_published.receivers:
+            published = set(sent)
+            signals.job_published.send(self, rows=[row for row in rows if row.id in published])
+        if refused and signals.job_publish_failed.receivers:
+            signals.job_publish_failed.send(self, failures=list(refused), error=refused[0][1])
+        if dead and signals.job_dead.receivers:
+            signals.job_dead.send(self, reason="publish", count=len(dead), job_ids=list(dead))
+        if started:
+            signals.relay_pass.send(
+                self, duration=time.perf_counter() - started, published=len(sent), handled=len(rows)
+            )
 
     def _defer_unknown_format(self, claim: Claim, row: ClaimedRow, error: UnknownMessageFormat) -> None:
         """Leave a row a newer release wrote pending (neither published nor dead, attempts as
@@ -171,6 +205,10 @@ class Relay:
                     self.check_lost()
                     handled = self.run_once()
                 except (BrokerUnavailable, DatabaseUnavailable) as exc:
+                    if isinstance(exc, BrokerUnavailable) and signals.job_publish_failed.receivers:
+                        signals.job_publish_failed.send(
+                            self, failures=[], error=f"{type(exc).__name__}: {exc}"
+                        )
                     self._wait(self.stopping, self._on_outage(exc))
                     continue
                 except Exception as exc:

@@ -85,6 +85,13 @@ class Settings:
     publishes it again when it is nowhere: a broker that lost messages (a restart without
     persistence, ``FLUSHALL``, a failover) is noticed within about this time, not after
     ``redeliver_after``. Redis fast path only; 0 turns the check off."""
+    metrics_port: int = 0
+    """Serve Prometheus metrics on this port from every ``celery worker`` (its main process, next
+    to the in-worker relay); 0 (the default) serves none. Needs the ``metrics`` extra
+    (``prometheus_client``); docs/operating/metrics.md."""
+    metrics_addr: str = "0.0.0.0"  # noqa: S104 - prometheus_client's default: Prometheus scrapes from elsewhere
+    """Address the metrics server listens on (``metrics_port``): all interfaces by default, as
+    ``prometheus_client``'s ``start_http_server``; ``127.0.0.1`` keeps it local."""
 
     def __post_init__(self) -> None:
         validate_table_name(self.table_name)

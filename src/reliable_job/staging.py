@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from reliable_job import signals
 from reliable_job.ports import OutboxWriter, StagedJob
 from reliable_job.settings import Settings
 
@@ -123,6 +124,8 @@ class Stager:
 
     def stage(self, jobs: Sequence[StagedJob], target: Any = None) -> None:
         self.writer(target).write(jobs)
+        if signals.job_staged.receivers:  # in the caller's transaction: before it commits
+            signals.job_staged.send(self, jobs=jobs)
         if logger.isEnabledFor(logging.DEBUG):
             for job in jobs:
                 logger.debug(

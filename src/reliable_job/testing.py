@@ -185,11 +185,13 @@ class InMemoryStore:
             rows = list(self.rows.values())
         pending = [r for r in rows if r.state == PENDING]
         oldest = min((r.created_at for r in pending), default=None)
+        oldest_sent = min((r.sent_at for r in rows if r.state == SENT), default=None)
         return OutboxStatus(
             pending=len(pending),
             sent=sum(r.state == SENT for r in rows),
             dead=sum(r.state == DEAD for r in rows),
             oldest_pending_seconds=None if oldest is None else time.time() - oldest,
+            oldest_sent_seconds=None if oldest_sent is None else time.time() - oldest_sent,
         )
 
     def requeue_unfinished(self, older_than: float, max_deliveries: int) -> tuple[int, int]:

@@ -145,14 +145,14 @@ def _on_postrun(
     elif state == states.IGNORED:
         runtime.completion.succeeded(task_id)
     elif rejected:
-        runtime.completion.failed(task_id, error or "Reject")
+        runtime.completion.failed(task_id, error or "Reject", outcome="rejected")
 
 
 def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     runtime = _runtime_for(sender, request)
     if runtime is not None and request is not None:
         reason = "expired" if _.get("expired") else "revoked"
-        runtime.completion.failed(request.id, reason)
+        runtime.completion.failed(request.id, reason, outcome=reason)
 
 
 def _flush_completions(**_: Any) -> None:
@@ -213,6 +213,9 @@ def connect_worker(app: Any) -> None:
     _apps.add(app)
     if RelayStep not in app.steps["worker"]:
         app.steps["worker"].add(RelayStep)
+    from reliable_job.integrations.celery.metrics_step import MetricsStep  # enabled by metrics_port
+
+    app.steps["worker"].add(MetricsStep)
     if not _connected:
         signals.task_success.connect(_on_success, weak=False)
         signals.task_failure.connect(_on_failure, weak=False)

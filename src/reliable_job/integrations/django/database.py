@@ -223,6 +223,9 @@ class DjangoOutbox:
             sent=sum(s.sent for s in statuses),
             dead=sum(s.dead for s in statuses),
             oldest_pending_seconds=max(ages) if ages else None,
+            oldest_sent_seconds=max(
+                (s.oldest_sent_seconds for s in statuses if s.oldest_sent_seconds is not None), default=None
+            ),
         )
 
     def postpone(self, job_id: str, due: datetime) -> int:

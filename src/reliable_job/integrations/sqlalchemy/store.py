@@ -192,16 +192,19 @@ class SQLAlchemyDatabase:
                 state: n for state, n in conn.execute(self.statements.count_by_state).all()
             }
             oldest = conn.execute(self.statements.oldest_pending).scalar()
-        age = None
-        if oldest is not None:
-            if oldest.tzinfo is None:
-                oldest = oldest.replace(tzinfo=timezone.utc)
-            age = max(0.0, (utcnow() - oldest).total_seconds())
+            oldest_sent = conn.execute(self.statements.oldest_sent).scalar()
+        now = utcnow()
+        ages: list[float | None] = []
+        for when in (oldest, oldest_sent):
+            if when is not None and when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            ages.append(None if when is None else max(0.0, (now - when).total_seconds()))
         return OutboxStatus(
             pending=counts.get(schema.PENDING, 0),
             sent=counts.get(schema.SENT, 0),
             dead=counts.get(schema.DEAD, 0),
-            oldest_pending_seconds=age,
+            oldest_pending_seconds=ages[0],
+            oldest_sent_seconds=ages[1],
         )
 
     def retry_dead(self) -> int:
