@@ -56,6 +56,12 @@ class OutboxStatus:
     sent: int
     dead: int
     oldest_pending_seconds: float | None
+    oldest_sent_seconds: float | None = None
+    """Age of the oldest row published and not completed yet (stuck completions show here)."""
+    relays: tuple[Mapping[str, object], ...] = ()
+    """Each relay's heartbeat row (``RelayBeat.as_dict``): last pass, published, listening, outage."""
+    estimated: bool = False
+    """The counts are the planner's estimates (PostgreSQL, above ``ESTIMATE_ABOVE`` rows)."""
 
     def as_dict(self) -> dict[str, int | float | None]:
         return {
@@ -63,6 +69,15 @@ class OutboxStatus:
             "sent": self.sent,
             "dead": self.dead,
             "oldest_pending_seconds": self.oldest_pending_seconds,
+        }
+
+    def health_dict(self) -> dict[str, object]:
+        """:meth:`as_dict` plus the health figures (``reliable-job status --json``)."""
+        return {
+            **self.as_dict(),
+            "oldest_sent_seconds": self.oldest_sent_seconds,
+            "estimated": self.estimated,
+            "relays": [dict(relay) for relay in self.relays],
         }
 
 
