@@ -184,7 +184,7 @@ def format_status(status: OutboxStatus, *, as_json: bool) -> str:
 
 
 def cmd_migration(args: argparse.Namespace) -> int:
-    from reliable_job.integrations.sqlalchemy.migration import alembic_revision, ddl
+    from reliable_job.integrations.sqlalchemy.migration import alembic_relays_revision, alembic_revision, ddl
 
     table = args.table or Settings.from_env().table_name
     if args.alembic_dir is None:
@@ -194,8 +194,12 @@ def cmd_migration(args: argparse.Namespace) -> int:
     directory = Path(args.alembic_dir)
     if not directory.is_dir():
         raise ReliableJobError(f"{directory} is not a directory (point it at alembic/versions)")
-    path = directory / f"{revision}_create_{table}.py"
-    path.write_text(alembic_revision(revision, args.down_revision, table))
+    if args.relays_table_only:
+        path = directory / f"{revision}_create_{table}_relays.py"
+        path.write_text(alembic_relays_revision(revision, args.down_revision, table))
+    else:
+        path = directory / f"{revision}_create_{table}.py"
+        path.write_text(alembic_revision(revision, args.down_revision, table))
     print(path)
     return 0
 
@@ -264,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alembic-dir", help="write an Alembic revision into this versions directory")
     p.add_argument("--revision", help="revision id (default: random)")
     p.add_argument("--down-revision", help="the revision this one follows")
+    p.add_argument(
+        "--relays-table-only",
+        action="store_true",
+        help="a revision adding only <table>_relays (to an outbox an earlier revision created)",
+    )
     p.add_argument("--table", help="outbox table name")
     p.set_defaults(func=cmd_migration)
 

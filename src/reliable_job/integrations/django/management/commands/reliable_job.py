@@ -1,14 +1,16 @@
-"""``manage.py reliable_job relay | status [--json] | retry-dead``: the ``reliable-job`` command's
-database commands on the project's Django databases."""
+"""``manage.py reliable_job relay | status [--json] [--check] | check | retry-dead``: the
+``reliable-job`` command's database commands on the project's Django databases."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_job import cli
+from reliable_job.cli import health
 from reliable_job.errors import ReliableJobError
 
 
@@ -40,10 +42,15 @@ class Command(BaseCommand):
         relay.add_argument("--batch-size", type=int)
         status = sub.add_parser("status", help="count pending, sent and dead rows")
         status.add_argument("--json", action="store_true", help="print one JSON object")
+        status.add_argument("--check", action="store_true", help="as check: exit 1 past a threshold")
+        check = sub.add_parser("check", help="exit 1 with one line per crossed threshold, else ok")
+        for p in (status, check):
+            health.add_threshold_options(p)
+        relay.add_argument("--heartbeat-file", help="touch this file every pass and idle tick")
         retry = sub.add_parser("retry-dead", help="put dead rows back to pending")
-        for p in (relay, status, retry):
-            p.add_argument("--app", help="the Celery app, as module:attribute (default: found)")
-        for p in (status, retry):
+        for p in (relay, status, check, retry):
+            p.add_argument("--app", help="the Celery app, as celery -A takes it (default: found)")
+        for p in (status, check, retry):
             p.add_argument("--database", help="one database alias (default: every outbox)")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -56,7 +63,21 @@ class Command(BaseCommand):
             if action == "relay":
                 if options["batch_size"]:
                     runtime.settings = runtime.settings.replace(batch_size=options["batch_size"])
-                cli.run_until_signalled(runtime.relay())
+                if options["heartbeat_file"]:
+                    runtime.settings = runtime.settings.replace(heartbeat_file=options["heartbeat_file"])
+                relay = runtime.relay()
+                cli.preflight(relay)
+                cli.run_until_signalled(relay)
+            elif action == "check" or (action == "status" and options["check"]):
+                limits = health.Thresholds(
+                    options["max_pending_age"],
+                    options["max_sent_age"],
+                    options["max_dead"],
+                    options["max_relay_silence"],
+                )
+                read = lambda: runtime.database.status(options["database"])  # noqa: E731
+                if health.run_check(read, limits, runtime.app, self.stdout.write):
+                    sys.exit(1)
             elif action == "status":
                 status = runtime.database.status(options["database"])
                 self.stdout.write(cli.format_status(status, as_json=options["json"]))
