@@ -45,6 +45,8 @@ def non_default_values(tmp_path: Path) -> dict[str, Any]:
         "completion_interval": 0.5,
         "redeliver_after": 120.0,
         "lost_check_after": 30.0,
+        "heartbeat_interval": 2.5,
+        "heartbeat_file": str(tmp_path / "relay.alive"),
     }
 
 
@@ -128,6 +130,16 @@ def _lost_check_after(runtime: Any, value: Any) -> None:
     assert all(each == value for each in seen), f"relay.recovery.lost_check_after: {seen}"
 
 
+def _heartbeat_interval(runtime: Any, value: Any) -> None:
+    seen = [relay.heartbeat.interval for relay in relays(runtime)]
+    assert seen and all(each == value for each in seen), f"relay.heartbeat.interval: {seen}"
+
+
+def _heartbeat_file(runtime: Any, value: Any) -> None:
+    seen = [relay.heartbeat.path for relay in relays(runtime)]
+    assert seen and all(each == Path(value) for each in seen), f"relay.heartbeat.path: {seen}"
+
+
 PROBES: dict[str, Callable[[Any, Any], None]] = {
     "enable_for_all_jobs": _enable_for_all_jobs,
     "preserve_dead_jobs": _preserve_dead_jobs,
@@ -146,6 +158,8 @@ PROBES: dict[str, Callable[[Any, Any], None]] = {
     "completion_interval": _completion_interval,
     "redeliver_after": _relay_attribute("redeliver_after"),
     "lost_check_after": _lost_check_after,
+    "heartbeat_interval": _heartbeat_interval,
+    "heartbeat_file": _heartbeat_file,
 }
 """One probe per setting; the guard below fails when a setting has none."""
 

@@ -103,9 +103,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         app.connection_for_write().get_transport_cls()  # validates the broker URL
     except Exception as exc:
         raise ReliableJobError(f"bad broker URL: {type(exc).__name__}: {exc}") from exc
-    relay = runtime.relay()
-    preflight(relay)
-    run_until_signalled(relay)
+    run_until_signalled(runtime.relay())
     return 0
 
 
@@ -129,7 +127,11 @@ def preflight(relay: Relay | RelayGroup) -> None:
 
 
 def run_until_signalled(relay: Relay | RelayGroup) -> None:
-    """Run ``relay`` until SIGTERM or SIGINT; the batch in flight is finished first."""
+    """Run ``relay`` until SIGTERM or SIGINT; the batch in flight is finished first.
+
+    First :func:`preflight`: a permanently wrong database configuration raises (the command exits
+    with one line), an unreachable database or broker is logged once and waited out."""
+    preflight(relay)
 
     def stop(signum: int, _frame: Any) -> None:
         logger.info("signal %d: finishing the batch in flight", signum)

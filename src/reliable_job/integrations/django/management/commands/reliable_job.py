@@ -65,9 +65,7 @@ class Command(BaseCommand):
                     runtime.settings = runtime.settings.replace(batch_size=options["batch_size"])
                 if options["heartbeat_file"]:
                     runtime.settings = runtime.settings.replace(heartbeat_file=options["heartbeat_file"])
-                relay = runtime.relay()
-                cli.preflight(relay)
-                cli.run_until_signalled(relay)
+                cli.run_until_signalled(runtime.relay())
             elif action == "check" or (action == "status" and options["check"]):
                 limits = health.Thresholds(
                     options["max_pending_age"],
