@@ -243,3 +243,13 @@ def test_a_base_install_names_the_extra(tmp_path):
             out.stderr.strip()
             == f"reliable-job: error: this command needs {blocked}: pip install 'reliable-job[{extra}]'"
         )
+
+
+def test_the_relay_in_a_worker_touches_its_heartbeat_file(services, tmp_path):
+    """The in-worker relay takes ``heartbeat_file`` from the one Settings object (here
+    ``RELIABLE_JOB_HEARTBEAT_FILE``) and touches it while it runs."""
+    heartbeat = tmp_path / "worker-relay.alive"
+    worker = services.worker(RELIABLE_JOB_HEARTBEAT_FILE=str(heartbeat))
+    first = worker.wait_until(lambda: heartbeat.exists() and heartbeat.stat().st_mtime_ns, message="the file")
+    worker.wait_until(lambda: heartbeat.stat().st_mtime_ns > first, message="the heartbeat file to advance")
+    assert services.stop(worker) == 0, services.log(worker)
