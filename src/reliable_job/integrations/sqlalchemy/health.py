@@ -98,8 +98,9 @@ _MESSAGES = (
     ("no pg_hba.conf entry", "authentication refused"),
     ("does not exist", "unknown database"),  # database "x" / role "x" does not exist
     ("no such table", "outbox table missing"),
-    ("unable to open database file", "unknown database"),
 )
+"""A SQLite file that cannot be opened (its directory missing: a volume not mounted yet) is an
+outage, waited out; SQLite creates a missing file, whose missing table is then reported."""
 
 
 def misconfiguration(exc: BaseException) -> str | None:
