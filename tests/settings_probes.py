@@ -47,6 +47,8 @@ def non_default_values(tmp_path: Path) -> dict[str, Any]:
         "lost_check_after": 30.0,
         "metrics_port": 9808,
         "metrics_addr": "127.0.0.1",
+        "heartbeat_interval": 2.5,
+        "heartbeat_file": str(tmp_path / "relay.alive"),
     }
 
 
@@ -142,6 +144,16 @@ def _metrics_step(runtime: Any, name: str, value: Any) -> None:
     assert getattr(step.runtime.settings, name) == value
 
 
+def _heartbeat_interval(runtime: Any, value: Any) -> None:
+    seen = [relay.heartbeat.interval for relay in relays(runtime)]
+    assert seen and all(each == value for each in seen), f"relay.heartbeat.interval: {seen}"
+
+
+def _heartbeat_file(runtime: Any, value: Any) -> None:
+    seen = [relay.heartbeat.path for relay in relays(runtime)]
+    assert seen and all(each == Path(value) for each in seen), f"relay.heartbeat.path: {seen}"
+
+
 PROBES: dict[str, Callable[[Any, Any], None]] = {
     "enable_for_all_jobs": _enable_for_all_jobs,
     "preserve_dead_jobs": _preserve_dead_jobs,
@@ -162,6 +174,8 @@ PROBES: dict[str, Callable[[Any, Any], None]] = {
     "lost_check_after": _lost_check_after,
     "metrics_port": lambda runtime, value: _metrics_step(runtime, "metrics_port", value),
     "metrics_addr": lambda runtime, value: _metrics_step(runtime, "metrics_addr", value),
+    "heartbeat_interval": _heartbeat_interval,
+    "heartbeat_file": _heartbeat_file,
 }
 """One probe per setting; the guard below fails when a setting has none."""
 

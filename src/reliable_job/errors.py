@@ -69,3 +69,9 @@ class DuplicateJobError(StagingError):
             f"a job with id {shown} is already in the outbox: not staged again (choose another "
             "task_id, or wait until that job has completed)"
         )
+
+
+class DatabaseMisconfigured(ConfigurationError):
+    """The outbox database refuses this configuration for good: authentication refused, an
+    unknown database, a missing outbox table. A relay started so exits with one line saying which
+    (an unreachable database, by contrast, is waited out)."""

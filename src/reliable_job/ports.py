@@ -59,6 +59,10 @@ class OutboxStatus:
     oldest_sent_seconds: float | None = None
     """Age of the oldest ``sent`` row (published, not completed): a growing value shows stuck
     completions (workers not running the jobs, or not reporting them)."""
+    relays: tuple[Mapping[str, object], ...] = ()
+    """Each relay's heartbeat row (``RelayBeat.as_dict``): last pass, published, listening, outage."""
+    estimated: bool = False
+    """The counts are the planner's estimates (PostgreSQL, above ``ESTIMATE_ABOVE`` rows)."""
 
     def as_dict(self) -> dict[str, int | float | None]:
         return {
@@ -66,6 +70,15 @@ class OutboxStatus:
             "sent": self.sent,
             "dead": self.dead,
             "oldest_pending_seconds": self.oldest_pending_seconds,
+        }
+
+    def health_dict(self) -> dict[str, object]:
+        """:meth:`as_dict` plus the health figures (``reliable-job status --json``)."""
+        return {
+            **self.as_dict(),
+            "oldest_sent_seconds": self.oldest_sent_seconds,
+            "estimated": self.estimated,
+            "relays": [dict(relay) for relay in self.relays],
         }
 
 

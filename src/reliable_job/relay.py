@@ -30,10 +30,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
 
 from reliable_job import signals
 from reliable_job.backoff import backoff_delay
 from reliable_job.errors import BrokerUnavailable, DatabaseUnavailable, UnknownMessageFormat
+from reliable_job.heartbeat import Heartbeat
 from reliable_job.ports import Broker, Claim, ClaimedRow, OutboxStore, Wakeup
 from reliable_job.recovery import Recovery
 from reliable_job.settings import Settings
@@ -101,6 +103,10 @@ class Relay:
         )
         self._unknown_formats: set[int] = set()
         """Format versions this relay met and could not read (each logged once)."""
+        self.heartbeat = Heartbeat(
+            store, interval=settings.heartbeat_interval, path=settings.heartbeat_file, clock=clock
+        )
+        """The heartbeat file and the relay's row in ``<table>_relays`` (:mod:`reliable_job.heartbeat`)."""
 
     def run_once(self) -> int:
         """Claim, publish and mark one batch; return how many rows it held."""
@@ -210,12 +216,16 @@ class Relay:
                             self, failures=[], error=f"{type(exc).__name__}: {exc}"
                         )
                     self._wait(self.stopping, self._on_outage(exc))
+                    self._beat()
                     continue
                 except Exception as exc:
                     logger.exception("relay pass failed; retrying")
                     self._wait(self.stopping, self._on_outage(exc))
+                    self._beat()
                     continue
                 self._on_success()
+                self.heartbeat.passed()
+                self._beat()
                 if handled >= self.batch_size:
                     continue
                 if handled:
@@ -223,6 +233,7 @@ class Relay:
                 hot = self._clock() < self._hot_until
                 self.idle(self.hot_poll if hot else self.poll_interval)
         finally:
+            self.heartbeat.stopped()
             self.broker.close()
             self._waiting.close()
             logger.info("relay stopped (%d published)", self.published)
@@ -271,6 +282,13 @@ class Relay:
     def stop(self) -> None:
         self.stopping.set()
         self._waiting.interrupt()
+
+    def _beat(self) -> None:
+        """Touch the heartbeat file; write the relay's row when it is due."""
+        outage = None
+        if self._outage_since is not None:
+            outage = datetime.now(timezone.utc) - timedelta(seconds=time.monotonic() - self._outage_since)
+        self.heartbeat.beat(published=self.published, listening=self.listening, outage_since=outage)
 
     def _on_outage(self, exc: Exception) -> float:
         self._outage_attempts += 1

@@ -93,3 +93,30 @@ def validate_table_name(name: str) -> str:
 def notify_channel(table_name: str) -> str:
     """The PostgreSQL ``LISTEN``/``NOTIFY`` channel that wakes the relays of ``table_name``."""
     return f"{validate_table_name(table_name)}_staged"
+
+
+# -- the relays' heartbeats: one small table beside the outbox -------------------------------------
+#
+# Each relay writes its row at most every ``heartbeat_interval`` seconds (reliable_job.heartbeat);
+# ``reliable-job status`` reads them. The first column is the primary key. Like COLUMNS, an edit
+# here ships with a new Django migration and the matching Alembic revision.
+
+RELAYS_SUFFIX = "_relays"
+
+RELAY_COLUMNS: tuple[Column, ...] = (
+    Column("relay_id", "string", length=255, doc="host:pid:random, one per relay (primary key)."),
+    Column("started_at", "timestamp", doc="When the relay started."),
+    Column("last_pass_at", "timestamp", nullable=True, doc="End of its last successful pass."),
+    Column("beat_at", "timestamp", doc="When the relay last wrote this row."),
+    Column("published", "integer", default=0, doc="Jobs it published since it started."),
+    Column("listening", "integer", default=0, doc="1 while it listens for wake-ups, else 0."),
+    Column("outage_since", "timestamp", nullable=True, doc="Broker or database unreachable since."),
+)
+
+RELAY_PRUNE_AFTER = 86400.0
+"""Seconds after which the row of a relay that stopped writing (killed, host gone) is deleted."""
+
+
+def relays_table_name(table_name: str) -> str:
+    """The heartbeat table of outbox ``table_name``: ``<table_name>_relays``."""
+    return validate_table_name(table_name) + RELAYS_SUFFIX

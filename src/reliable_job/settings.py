@@ -92,6 +92,13 @@ class Settings:
     metrics_addr: str = "0.0.0.0"  # noqa: S104 - prometheus_client's default: Prometheus scrapes from elsewhere
     """Address the metrics server listens on (``metrics_port``): all interfaces by default, as
     ``prometheus_client``'s ``start_http_server``; ``127.0.0.1`` keeps it local."""
+    heartbeat_interval: float = 10.0
+    """Seconds between two writes of a relay's row in ``<table>_relays`` (its last pass, published
+    count, outage), which ``reliable-job status`` and ``check --max-relay-silence`` read. 0 turns
+    the row off."""
+    heartbeat_file: str | None = None
+    """A file the relay touches every pass and idle tick (at most once a second), for a liveness
+    probe that checks its age. Standalone relays and the relay in ``celery worker`` alike."""
 
     def __post_init__(self) -> None:
         validate_table_name(self.table_name)
@@ -109,6 +116,8 @@ class Settings:
             raise ConfigurationError("lost_check_after must be 0 (off) or positive")
         if self.max_publish_attempts < 1:
             raise ConfigurationError("max_publish_attempts must be at least 1")
+        if self.heartbeat_interval < 0:
+            raise ConfigurationError("heartbeat_interval must be 0 (off) or positive")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

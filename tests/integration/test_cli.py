@@ -38,7 +38,15 @@ def test_status_json(celery_app, engine, outbox, database_url, table_name):
     out = cli("status", "--json", "--database-url", database_url, "--table", table_name)
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
-    assert set(status) == {"pending", "sent", "dead", "oldest_pending_seconds"}
+    assert set(status) == {
+        "pending",
+        "sent",
+        "dead",
+        "oldest_pending_seconds",
+        "oldest_sent_seconds",  # issue 10: health figures
+        "estimated",
+        "relays",
+    }
     assert (status["pending"], status["sent"], status["dead"]) == (2, 0, 1)
     assert 0 <= status["oldest_pending_seconds"] < 60
 

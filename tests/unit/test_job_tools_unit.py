@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from reliable_job import cli_jobs
+from reliable_job.cli import jobs as cli_jobs
 from reliable_job.ports import JobAction, JobFilter, StagedJob
 from reliable_job.schema import DEAD, PENDING
 from reliable_job.testing import InMemoryStore

@@ -87,4 +87,5 @@ def reliable_job_status(state: Any, **_: Any) -> dict[str, object]:
     except Exception as exc:
         logger.warning("reliable_job_status: could not read the outbox status", exc_info=True)
         return {"error": f"could not read the outbox status: {type(exc).__name__}"}
-    return dict(status.as_dict())
+    figures: dict[str, object] = status.health_dict()
+    return figures

@@ -22,7 +22,7 @@ from django.db import connections
 from django.utils.html import format_html
 
 from reliable_job import schema
-from reliable_job.cli_jobs import age as short_age
+from reliable_job.cli.jobs import age as short_age
 from reliable_job.integrations.celery.display import MessageView, describe_message
 from reliable_job.integrations.django import conf
 from reliable_job.integrations.django.models import OutboxJob

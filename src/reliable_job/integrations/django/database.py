@@ -218,14 +218,15 @@ class DjangoOutbox:
     def status(self, alias: str | None = None) -> OutboxStatus:
         statuses = [store.status() for store in self._each(alias)]
         ages = [s.oldest_pending_seconds for s in statuses if s.oldest_pending_seconds is not None]
+        sent_ages = [s.oldest_sent_seconds for s in statuses if s.oldest_sent_seconds is not None]
         return OutboxStatus(
             pending=sum(s.pending for s in statuses),
             sent=sum(s.sent for s in statuses),
             dead=sum(s.dead for s in statuses),
             oldest_pending_seconds=max(ages) if ages else None,
-            oldest_sent_seconds=max(
-                (s.oldest_sent_seconds for s in statuses if s.oldest_sent_seconds is not None), default=None
-            ),
+            oldest_sent_seconds=max(sent_ages) if sent_ages else None,
+            relays=tuple(relay for s in statuses for relay in s.relays),
+            estimated=any(s.estimated for s in statuses),
         )
 
     def postpone(self, job_id: str, due: datetime) -> int:

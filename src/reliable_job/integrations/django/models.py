@@ -25,3 +25,17 @@ def _build() -> Any:
 
 OutboxJob = _build()
 """One staged job: the finished broker message and its state (pending, sent, dead)."""
+
+
+def _build_relay() -> Any:
+    attrs: dict[str, Any] = {"__module__": __name__, "__qualname__": "RelayHeartbeat"}
+    attrs.update(django_schema.relay_fields())
+    meta = dict(django_schema.relay_options(conf.table_name()), app_label="reliable_job")
+    attrs["Meta"] = type("Meta", (), meta)
+    attrs["__str__"] = lambda self: f"relay {self.relay_id}"
+    return type("RelayHeartbeat", (models.Model,), attrs)
+
+
+RelayHeartbeat = _build_relay()
+"""One relay's heartbeat (``<table>_relays``): its last pass, published count, outage; written by
+the relay every ``heartbeat_interval`` seconds, read by ``reliable_job status``."""

@@ -61,3 +61,20 @@ def options(table_name: str) -> dict[str, Any]:
             for index in schema.INDEXES
         ],
     }
+
+
+def relay_fields() -> list[tuple[str, Any]]:
+    """The relays' heartbeat table's fields; the first column is the primary key."""
+    first, *rest = schema.RELAY_COLUMNS
+    key = models.CharField(max_length=first.length, primary_key=True, serialize=False, help_text=first.doc)
+    return [(first.name, key), *((column.name, field(column)) for column in rest)]
+
+
+def relay_options(table_name: str) -> dict[str, Any]:
+    """``Meta`` options of the relays' heartbeat table ``<table_name>_relays``."""
+    return {
+        "db_table": schema.relays_table_name(table_name),
+        "ordering": ["relay_id"],
+        "verbose_name": "relay",
+        "verbose_name_plural": "relays",
+    }

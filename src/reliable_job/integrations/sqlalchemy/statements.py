@@ -199,13 +199,6 @@ class OutboxStatements:
         )
         """Sent before ``cutoff``: pending again, ``error``, ``now``."""
         self._lost_message_statements(t)
-        self.count_by_state: Select[Any] = select(t.c.state, func.count()).group_by(t.c.state)
-        self.oldest_pending: Select[Any] = (  # the lowest pending id, through the partial index
-            select(t.c.created_at).where(t.c.state == schema.PENDING).order_by(t.c.id).limit(1)
-        )
-        self.oldest_sent: Select[Any] = (  # the earliest sent_at, through ix_<t>_state (state, sent_at)
-            select(func.min(t.c.sent_at)).where(t.c.state == schema.SENT)
-        )
 
         # -- retries: a job published again under its own id, due later ------------------------
         self.postpone: Update = (

@@ -3,15 +3,16 @@ relay, completion and the CLI use (:class:`~reliable_job.ports.OutboxDatabase`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, MetaData, Table
 
-from reliable_job import schema
+from reliable_job.heartbeat import RelayBeat
 from reliable_job.integrations.sqlalchemy import claims
 from reliable_job.integrations.sqlalchemy.claims import ClaimBySelect, ClaimByUpdate
 from reliable_job.integrations.sqlalchemy.engine import (
@@ -23,6 +24,7 @@ from reliable_job.integrations.sqlalchemy.engine import (
     unavailable_as_error,
 )
 from reliable_job.integrations.sqlalchemy.listen import PostgresListener, postgres_listener
+from reliable_job.integrations.sqlalchemy.relays import RelayHeartbeats
 from reliable_job.integrations.sqlalchemy.statements import CLAIM_PLAN, OutboxStatements, utcnow
 from reliable_job.integrations.sqlalchemy.table import outbox_table
 from reliable_job.integrations.sqlalchemy.writers import sqlalchemy_stager
@@ -187,25 +189,11 @@ class SQLAlchemyDatabase:
     # -- the CLI ------------------------------------------------------------------------------
 
     def status(self) -> OutboxStatus:
-        with unavailable_as_error(), self.engine.connect() as conn:
-            counts: dict[str, int] = {
-                state: n for state, n in conn.execute(self.statements.count_by_state).all()
-            }
-            oldest = conn.execute(self.statements.oldest_pending).scalar()
-            oldest_sent = conn.execute(self.statements.oldest_sent).scalar()
-        now = utcnow()
-        ages: list[float | None] = []
-        for when in (oldest, oldest_sent):
-            if when is not None and when.tzinfo is None:
-                when = when.replace(tzinfo=timezone.utc)
-            ages.append(None if when is None else max(0.0, (now - when).total_seconds()))
-        return OutboxStatus(
-            pending=counts.get(schema.PENDING, 0),
-            sent=counts.get(schema.SENT, 0),
-            dead=counts.get(schema.DEAD, 0),
-            oldest_pending_seconds=ages[0],
-            oldest_sent_seconds=ages[1],
-        )
+        """Counts, oldest pending and sent ages, the relays' heartbeats: index walks only, the
+        counts estimated above a threshold on PostgreSQL (``integrations/sqlalchemy/health.py``)."""
+        from reliable_job.integrations.sqlalchemy.health import read_status
+
+        return read_status(self.engine, self.table, self.relays())
 
     def retry_dead(self) -> int:
         with unavailable_as_error(), self.engine.begin() as conn:
@@ -214,6 +202,30 @@ class SQLAlchemyDatabase:
     def create_table(self) -> None:
         with unavailable_as_error():
             self.table.metadata.create_all(self.engine, tables=[self.table])
+        self.heartbeats.create()
+
+    # -- the relays' heartbeats (reliable_job.heartbeat) -------------------------------------------
+
+    @functools.cached_property
+    def heartbeats(self) -> RelayHeartbeats:
+        """The ``<table>_relays`` rows of this database."""
+        return RelayHeartbeats(self.engine, self.table.name)
+
+    def record_relay(self, beat: RelayBeat, prune_before: datetime | None) -> None:
+        self.heartbeats.record_relay(beat, prune_before)
+
+    def forget_relay(self, relay_id: str) -> None:
+        self.heartbeats.forget_relay(relay_id)
+
+    def relays(self) -> list[RelayBeat]:
+        return self.heartbeats.relays()
+
+    def probe(self) -> None:
+        """Read the outbox once: :class:`~reliable_job.errors.DatabaseMisconfigured` when the
+        configuration is wrong for good, ``DatabaseUnavailable`` when the database is unreachable."""
+        from reliable_job.integrations.sqlalchemy.health import probe
+
+        probe(self.engine, self.table)
 
     # -- job tools (reliable_job.ports.OutboxAdmin: the queries in admin_queries.py) ----------
 

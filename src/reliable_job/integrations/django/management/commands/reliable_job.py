@@ -1,18 +1,21 @@
-"""``manage.py reliable_job relay | status [--json] | retry-dead | jobs ...``: the ``reliable-job``
-command's database commands on the project's Django databases (``jobs list|show|retry-dead|purge|
-publish-now``: the job tools of :mod:`reliable_job.cli_jobs`, on every outbox alias or
-``--database``)."""
+"""``manage.py reliable_job relay | status [--json] [--check] | check | retry-dead | jobs ...``: the
+``reliable-job`` command's database commands on the project's Django databases (``jobs list|show|
+retry-dead|purge|publish-now``: the job tools of :mod:`reliable_job.cli.jobs`, on every outbox
+alias or ``--database``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from reliable_job import cli, cli_jobs
+from reliable_job import cli
+from reliable_job.cli import health
+from reliable_job.cli import jobs as cli_jobs
 from reliable_job.errors import ReliableJobError
 from reliable_job.ports import JobFilter, JobRow
 
@@ -81,12 +84,17 @@ class Command(BaseCommand):
         relay.add_argument("--batch-size", type=int)
         status = sub.add_parser("status", help="count pending, sent and dead rows")
         status.add_argument("--json", action="store_true", help="print one JSON object")
+        status.add_argument("--check", action="store_true", help="as check: exit 1 past a threshold")
+        check = sub.add_parser("check", help="exit 1 with one line per crossed threshold, else ok")
+        for p in (status, check):
+            health.add_threshold_options(p)
+        relay.add_argument("--heartbeat-file", help="touch this file every pass and idle tick")
         retry = sub.add_parser("retry-dead", help="put dead rows back to pending")
-        for p in (relay, status, retry):
-            p.add_argument("--app", help="the Celery app, as module:attribute (default: found)")
-        for p in (status, retry):
+        for p in (relay, status, check, retry):
+            p.add_argument("--app", help="the Celery app, as celery -A takes it (default: found)")
+        for p in (status, check, retry):
             p.add_argument("--database", help="one database alias (default: every outbox)")
-        # -- job tools: jobs list|show|retry-dead|purge|publish-now (reliable_job.cli_jobs) --
+        # -- job tools: jobs list|show|retry-dead|purge|publish-now (reliable_job.cli.jobs) --
         jobs = sub.add_parser("jobs", help="list, show, retry, purge and publish jobs")
         cli_jobs.add_jobs_arguments(jobs, _jobs_options)
 
@@ -100,7 +108,19 @@ class Command(BaseCommand):
             if action == "relay":
                 if options["batch_size"]:
                     runtime.settings = runtime.settings.replace(batch_size=options["batch_size"])
+                if options["heartbeat_file"]:
+                    runtime.settings = runtime.settings.replace(heartbeat_file=options["heartbeat_file"])
                 cli.run_until_signalled(runtime.relay())
+            elif action == "check" or (action == "status" and options["check"]):
+                limits = health.Thresholds(
+                    options["max_pending_age"],
+                    options["max_sent_age"],
+                    options["max_dead"],
+                    options["max_relay_silence"],
+                )
+                read = lambda: runtime.database.status(options["database"])  # noqa: E731
+                if health.run_check(read, limits, runtime.app, self.stdout.write):
+                    sys.exit(1)
             elif action == "status":
                 status = runtime.database.status(options["database"])
                 self.stdout.write(cli.format_status(status, as_json=options["json"]))

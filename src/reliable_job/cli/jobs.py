@@ -22,7 +22,6 @@ from typing import Any, Protocol
 from reliable_job import schema
 from reliable_job.errors import ReliableJobError
 from reliable_job.ports import JobAction, JobFilter, JobRow, OutboxAdmin
-from reliable_job.settings import Settings
 
 DEFAULT_BATCH = 1000
 DEFAULT_LIST_LIMIT = 100
@@ -140,15 +139,14 @@ def add_jobs_commands(subparsers: Any, db_options: Callable[[argparse.ArgumentPa
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    """The ``reliable-job jobs`` entry point: the SQLAlchemy store from the options."""
-    from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase
+    """The ``reliable-job jobs`` entry point: the outbox of ``-A``'s app, or of the options."""
+    from reliable_job.cli import database_of
 
-    database = SQLAlchemyDatabase(Settings.from_env(database_url=args.database_url, table_name=args.table))
+    database = database_of(args)
     try:
         return run_jobs(args, database, sys.stdout, sys.stderr)
     finally:
         database.close()
-        database.engine.dispose()
 
 
 # -- the commands ------------------------------------------------------------------------------

