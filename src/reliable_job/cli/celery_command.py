@@ -3,7 +3,8 @@ command line (entry point group ``celery.commands``, as Flower adds ``celery flo
 
 Importing this module (Celery's command line does, at start) also registers ``celery inspect
 reliable_job_status``. Celery has resolved ``-A`` already (and its other global options:
-``--config``, ``--broker``...); the arguments after ``reliable-job`` go to :func:`reliable_job.cli.main` unchanged, with that app.
+``--config``, ``--broker``...); the arguments after ``reliable-job`` go to
+:func:`reliable_job.cli.main` unchanged, with that app.
 """
 
 from __future__ import annotations
