@@ -9,6 +9,7 @@ reliable_job_status``. Celery has resolved ``-A`` already (and its other global 
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -17,7 +18,7 @@ import click
 # Loaded by Celery's command line at start (the entry point): this registers the remote-control
 # command ``celery inspect reliable_job_status`` in the client too, which a Django project's
 # ``celery -A proj inspect`` would otherwise not know (it never imports reliable-job itself).
-import reliable_job.integrations.celery.visibility
+importlib.import_module("reliable_job.integrations.celery.visibility")
 
 
 @click.command(
