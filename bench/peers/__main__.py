@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.harness import machine
 
+    info = machine(env)
+    git = f"{info['git_commit']}{' (dirty)' if info['git_dirty'] else ''}"
     result: dict[str, Any] = {}
     for fig in figures.values():
         result.update({k: v for k, v in fig.items() if k != "detail"})
@@ -367,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             "directions": DIRECTIONS,
             "quick": sizes.quick,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(),
-            "machine": machine(env),
+            "versions": {**versions(), "reliable-job git": git},
+            "machine": info,
             "sizes": asdict(sizes),
             "figures": {k: v["detail"] for k, v in figures.items()},
             "seconds": {**seconds, "total": round(time.monotonic() - started, 1)},
