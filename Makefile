@@ -5,7 +5,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 FUZZ_EXAMPLES ?= 2000
 
-.PHONY: venv lock lint format test fuzz bench bench-quick services-up services-down demo clean
+.PHONY: venv lock lint format test fuzz bench bench-quick bench-peers services-up services-down demo clean
 
 venv: $(VENV)/.stamp
 
@@ -47,6 +47,12 @@ bench: venv
 bench-quick: venv
 	scripts/run-bench.sh --quick $(BENCH_ARGS)
 
+# reliable-job, django-celery-outbox (pinned) and plain Celery side by side, in .venv-peers of its
+# own (bench/peers/, results in bench/results/peers.json). PEERS_ARGS=--quick for fewer rounds.
+PEERS_ARGS ?=
+bench-peers:
+	scripts/run-bench-peers.sh $(PEERS_ARGS)
+
 services-up:
 	scripts/services.sh install
 	scripts/services.sh start
@@ -59,5 +65,5 @@ demo: venv
 	$(BIN)/reliable-job demo
 
 clean: services-down
-	rm -rf $(VENV) .venv-django-newest build dist .pytest_cache .mypy_cache .ruff_cache .import_linter_cache src/*.egg-info
+	rm -rf $(VENV) .venv-django-newest .venv-peers build dist .pytest_cache .mypy_cache .ruff_cache .import_linter_cache src/*.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -4,6 +4,9 @@
 # The env file ($SERVICES_ENV, default .services.env in the repo root) holds the URLs.
 # RELIABLE_JOB_SERVICES_PG_OPTS (opt-in, unset for the test suite): extra postgres options, e.g.
 # "-c shared_preload_libraries=pg_stat_statements" (scripts/run-bench.sh sets it).
+# RELIABLE_JOB_SERVICES_DURABLE=1 (the benchmarks set it): PostgreSQL with fsync=on,
+# synchronous_commit=on and full_page_writes=on, as production runs it. Unset (the test suite):
+# all three off, so tests do not wait on the disk.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -78,8 +81,10 @@ ENV
     cd "$dir"  # the postgres user may not be able to enter the caller's cwd
     as_pg "$bin/initdb" -D "$dir/pg/data" -U postgres --auth=trust -E UTF8 --no-locale >"$dir/pg/initdb.log" 2>&1 \
         || { cat "$dir/pg/initdb.log" >&2; exit 1; }
+    local durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    [ "${RELIABLE_JOB_SERVICES_DURABLE:-0}" = 1 ] && durability="-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
     as_pg "$bin/pg_ctl" -D "$dir/pg/data" -l "$dir/pg/postgres.log" -w -t 60 -o \
-        "-p $pg_port -k $dir/pg -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200${RELIABLE_JOB_SERVICES_PG_OPTS:+ $RELIABLE_JOB_SERVICES_PG_OPTS}" \
+        "-p $pg_port -k $dir/pg -c listen_addresses=127.0.0.1 $durability -c max_connections=200${RELIABLE_JOB_SERVICES_PG_OPTS:+ $RELIABLE_JOB_SERVICES_PG_OPTS}" \
         start >/dev/null || { tail -n 50 "$dir/pg/postgres.log" >&2; exit 1; }
     "$bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" -t 30
     "$bin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres "$DB"
@@ -92,7 +97,7 @@ ENV
         [ "$i" -eq 100 ] && { log "redis did not answer"; cat "$dir/redis.log" >&2; exit 1; }
         sleep 0.1
     done
-    log "PostgreSQL on 127.0.0.1:$pg_port, Redis on 127.0.0.1:$redis_port; env in $ENV_FILE"
+    log "PostgreSQL on 127.0.0.1:$pg_port ($durability), Redis on 127.0.0.1:$redis_port; env in $ENV_FILE"
 }
 
 cmd_stop() {
