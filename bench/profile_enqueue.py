@@ -24,8 +24,6 @@ from bench.dbcost import DbMeter
 
 
 def _sqlalchemy(side: str) -> tuple[Callable[[int], None], Callable[[], None]]:
-    from sqlalchemy.orm import Session
-
     from bench import enqueue
     from bench.app import runtime
 
@@ -35,7 +33,6 @@ def _sqlalchemy(side: str) -> tuple[Callable[[int], None], Callable[[], None]]:
     def close() -> None:
         enqueue.orders.drop(runtime.database.engine)
 
-    del Session
     return fn, close
 
 
