@@ -84,6 +84,8 @@ class _Columns:
     concrete field but the key, the constant ones (defaults, ``NULL``) prepared once."""
 
     table: str
+    channel: str
+    """The relays' ``NOTIFY`` channel (:func:`reliable_job.schema.notify_channel`)."""
     names: tuple[str, ...]
     constants: dict[str, Any]
     """Column -> its prepared value in every staged row (``state``, ``attempts``, ``NULL`` s)."""
@@ -110,8 +112,10 @@ def _columns() -> _Columns:
             timestamps[f.column] = f
         elif f.attname not in _STAGED:
             constants[f.column] = f.get_default()  # the schema's default, or None
+    table = validate_table_name(OutboxJob._meta.db_table)
     return _Columns(
-        validate_table_name(OutboxJob._meta.db_table),
+        table,
+        notify_channel(table),
         tuple(f.column for f in fields),
         constants,
         timestamps,
@@ -172,7 +176,7 @@ def _insert(connection: Any, jobs: Sequence[StagedJob], notify: bool = False) ->
     now = _utc(datetime.now(timezone.utc), connection)
     prepared_now = {c: timestamps[c].get_db_prep_save(now, connection) for c in _NOW}
     eta_field = timestamps["eta"]
-    channel = notify_channel(columns.table)
+    channel = columns.channel
     params: list[Any] = []
     for i, j in enumerate(jobs):
         values = {
