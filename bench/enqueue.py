@@ -9,6 +9,11 @@ figure is the median over rounds of that round's ratio (b) / (a), so a change in
 load lands on both sides of a round's ratio. The same with 100 tasks per transaction gives
 ``enqueue_ratio_100``.
 
+``enqueue_django_ratio`` is the same pairing on the Django path (bench/django_path.py):
+``transaction.atomic()`` creating a model row, ``.delay()`` direct after the commit against staged
+inside it. Its detail also pairs the time spent in ``.delay()`` alone (``delay_ratio``: staged
+inside the transaction against the direct push to Redis).
+
 Around every block the database's cost is read (bench/dbcost.py): statements and WAL bytes per
 job, staged against direct, which do not depend on the CPU.
 """
@@ -62,8 +67,16 @@ def _per_call_us(fn: Callable[[int], None], n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def _compare(env: Env, meter: DbMeter, tasks: int, block: int, rounds: int) -> dict[str, Any]:
-    direct, staged = _direct(tasks), _staged(tasks)
+def _compare(
+    env: Env,
+    meter: DbMeter,
+    tasks: int,
+    block: int,
+    rounds: int,
+    sides: tuple[Callable[[int], None], Callable[[int], None]] | None = None,
+) -> dict[str, Any]:
+    """Paired blocks of (a) and (b): ``sides`` (default: the SQLAlchemy path's)."""
+    direct, staged = sides or (_direct(tasks), _staged(tasks))
     _per_call_us(direct, max(5, block // 4))  # warm up: pools, prepared messages, caches
     _per_call_us(staged, max(5, block // 4))
     a: list[float] = []
@@ -94,12 +107,58 @@ def _compare(env: Env, meter: DbMeter, tasks: int, block: int, rounds: int) -> d
     }
 
 
+def _compare_django(env: Env, meter: DbMeter, block: int, rounds: int) -> dict[str, Any]:
+    """The Django path, one task per transaction, with the time of ``.delay()`` alone paired too."""
+    from bench import django_path
+
+    path = django_path.setup(env.redis_url)
+    try:
+        direct_delay, staged_delay = [0.0], [0.0]
+        direct, staged = path.direct(1, direct_delay), path.staged(1, staged_delay)
+        delays: dict[str, list[float]] = {"direct": [], "staged": []}
+
+        def timed(fn: Callable[[int], None], into: list[float], name: str) -> Callable[[int], None]:
+            def run(i: int) -> None:  # each block's total .delay() time, read when it starts again
+                if i == 0:
+                    if into[0]:
+                        delays[name].append(into[0] / block)
+                    into[0] = 0.0
+                fn(i)
+
+            return run
+
+        compared = _compare(
+            env,
+            meter,
+            1,
+            block,
+            rounds,
+            (timed(direct, direct_delay, "direct"), timed(staged, staged_delay, "staged")),
+        )
+        delays["direct"].append(direct_delay[0] / block)
+        delays["staged"].append(staged_delay[0] / block)
+    finally:
+        path.close()
+    # the first entry of each is the warm-up block's (a quarter block): dropped
+    a, b = delays["direct"][1:], delays["staged"][1:]
+    delay = paired(b, a)
+    compared["delay"] = {
+        "direct_us": round(median(a), 1),
+        "staged_us": round(median(b), 1),
+        "ratio": delay["value"],
+        "ratio_rounds": delay["rounds"],
+        "ratio_spread": delay["spread"],
+    }
+    return compared
+
+
 def run(env: Env, sizes: Sizes) -> dict[str, Any]:
     orders.metadata.create_all(runtime.database.engine)
     meter = DbMeter(env)
     try:
         one = _compare(env, meter, 1, sizes.enqueue_block, sizes.enqueue_rounds)
         hundred = _compare(env, meter, 100, sizes.enqueue_block_100, sizes.enqueue_rounds)
+        django = _compare_django(env, meter, sizes.enqueue_block, sizes.enqueue_rounds)
     finally:
         meter.close()
         with runtime.database.engine.begin() as conn:
@@ -109,11 +168,14 @@ def run(env: Env, sizes: Sizes) -> dict[str, Any]:
     return {
         **_ratio_keys("enqueue_ratio", one),
         **_ratio_keys("enqueue_ratio_100", hundred),
+        **_ratio_keys("enqueue_django_ratio", django),
+        "enqueue_django_delay_ratio": django["delay"]["ratio"],
         "db_statements_per_job_direct": db["direct"]["statements_per_job"],
         "db_statements_per_job_staged": db["staged"]["statements_per_job"],
         "db_wal_bytes_per_job_direct": db["direct"]["wal_bytes_per_job"],
         "db_wal_bytes_per_job_staged": db["staged"]["wal_bytes_per_job"],
-        "detail": {"one_task": one, "hundred_tasks": hundred},
+        "db_statements_per_job_django_staged": django["db"]["staged"]["statements_per_job"],
+        "detail": {"one_task": one, "hundred_tasks": hundred, "django": django},
     }
 
 

@@ -58,6 +58,9 @@ class CeleryIntegration:
         self.database: OutboxDatabase = database
         self.completion = Completion(database, settings)
         self._capture_connection: Any = None
+        self._producers: list[CapturingProducer] = []
+        """Capturing producers not in use: made once, reused (a nested capture, e.g. from a
+        ``before_task_publish`` handler, takes another)."""
         self._send_task: Callable[..., Any] | None = None
 
     # -- which tasks ---------------------------------------------------------------------------
@@ -120,7 +123,10 @@ class CeleryIntegration:
         stamp(options)
         options.pop("connection", None)
         options.pop("publisher", None)
-        producer = CapturingProducer(self._capture_conn(), auto_declare=False)
+        try:
+            producer = self._producers.pop()
+        except IndexError:
+            producer = CapturingProducer(self._capture_conn(), auto_declare=False)
         options["producer"] = producer
         _skip_result_subscription(self.app.backend)
         try:
@@ -129,7 +135,9 @@ class CeleryIntegration:
             raise NotSerializableError(
                 f"cannot enqueue {name}[{task_id}]: its arguments cannot be serialized: {exc}"
             ) from exc
-        captured = producer.captured
+        finally:
+            captured, producer.captured = producer.captured, None
+            self._producers.append(producer)
         if captured is None:
             raise StagingError(f"Celery published no message for {name}[{task_id}]")
         return result, StagedJob(task_id, name, captured.queue, captured.to_json(), captured.eta)

@@ -136,8 +136,12 @@ class CapturedPublish:
         }
 
     def _to_json_v2(self) -> str:
-        route = {"v": 2, **self._route_fields()}
-        head = json.dumps(route, separators=(",", ":"), allow_nan=False)
+        key = (self.exchange, self.routing_key, self.priority, self.mandatory, self.immediate, *self.declare)
+        head = _HEADS.get(key)
+        if head is None:  # the routing fields of a task's messages rarely change: encoded once
+            head = _COMPACT_JSON.encode({"v": 2, **self._route_fields()})
+            if len(_HEADS) < _MAX_HEADS:
+                _HEADS[key] = head
         payload = redis_payload(
             self.body,
             self.priority,
@@ -151,6 +155,15 @@ class CapturedPublish:
         if not payload.endswith(PAYLOAD_END):  # pragma: no cover - kombu's layout is fixed
             return self._to_json_v1()
         return f"{head[:-1]}{PAYLOAD_KEY}{payload}}}"
+
+
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+"""``json.dumps(value, separators=(",", ":"), allow_nan=False)``, its encoder made once."""
+_KOMBU_JSON = json.JSONEncoder(allow_nan=False)
+"""``json.dumps(value, allow_nan=False)`` (kombu's layout), its encoder made once."""
+_HEADS: dict[tuple[Any, ...], str] = {}
+"""A v2 envelope's routing fields as encoded, by their values."""
+_MAX_HEADS = 1024
 
 
 def redis_payload(
@@ -185,7 +198,7 @@ def redis_payload(
         "headers": dict(headers) if headers else {},
         "properties": props,
     }
-    return json.dumps(message, allow_nan=False)
+    return _KOMBU_JSON.encode(message)
 
 
 class CorruptMessage(ValueError):

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -48,22 +50,26 @@ class DjangoWriter:
     def write(self, jobs: Sequence[StagedJob]) -> None:
         from django.db import DatabaseError, connections
 
-        from reliable_job.integrations.django.models import OutboxJob
-
-        groups: dict[str, list[StagedJob]] = {}
-        for job in jobs:
-            alias = self._alias or self._alias_for(job.task_name)
-            groups.setdefault(alias, []).append(job)
+        if not jobs:
+            return
+        groups: dict[str, Sequence[StagedJob]]
+        if self._alias is not None or len(jobs) == 1:  # the usual call: one alias, no grouping
+            groups = {self._alias or self._alias_for(jobs[0].task_name): jobs}
+        else:
+            by_alias: dict[str, list[StagedJob]] = {}
+            for job in jobs:
+                by_alias.setdefault(self._alias_for(job.task_name), []).append(job)
+            groups = dict(by_alias)
         conflicts: list[str] = []
         for alias, group in groups.items():
             connection = connections[alias]
             try:
-                conflicts += _insert(connection, group)
-                if connection.vendor == "postgresql" and self._notify_due():
-                    # Wakes the relays when this transaction commits (see Stager.notify_due).
-                    with connection.cursor() as cursor:
-                        cursor.execute("SELECT pg_notify(%s, '')", [notify_channel(OutboxJob._meta.db_table)])
+                # On PostgreSQL the relays' wake-up rides in the INSERT (see Stager.notify_due).
+                notify = connection.vendor == "postgresql" and self._notify_due()
+                conflicts += _insert(connection, group, notify)
             except DatabaseError as exc:
+                from reliable_job.integrations.django.models import OutboxJob
+
                 raise StagingError(
                     f"cannot write to the outbox table {OutboxJob._meta.db_table!r} of database "
                     f"{alias!r}: {' '.join(str(exc).split())} (did you run `manage.py migrate`?)"
@@ -72,41 +78,122 @@ class DjangoWriter:
             raise DuplicateJobError(conflicts)
 
 
-def _insert(connection: Any, jobs: Sequence[StagedJob]) -> list[str]:
-    """``INSERT ... ON CONFLICT (job_id) DO NOTHING RETURNING job_id`` of ``jobs`` on ``connection``
-    (in its current atomic block, if any), one statement; return the ids that were already in the
-    outbox. A conflict is no database error: the caller's transaction stays usable (``bulk_create
-    (ignore_conflicts=True)`` would not tell which rows it skipped).
+@dataclass(frozen=True)
+class _Columns:
+    """The model's columns as the staging INSERT writes them, read once from the model: every
+    concrete field but the key, the constant ones (defaults, ``NULL``) prepared once."""
 
-    Values are prepared by the model's fields (time zones, each backend's adaptation) and bound;
-    the table and column names come from the model (the table name is validated by ``conf``).
-    """
+    table: str
+    channel: str
+    """The relays' ``NOTIFY`` channel (:func:`reliable_job.schema.notify_channel`)."""
+    names: tuple[str, ...]
+    constants: dict[str, Any]
+    """Column -> its prepared value in every staged row (``state``, ``attempts``, ``NULL`` s)."""
+    timestamps: dict[str, Any]
+    """Column -> its model field (``created_at``, ``eta``, ``updated_at``): prepared per call, as
+    ``USE_TZ`` and the connection's time zone say."""
+
+
+_STAGED = ("job_id", "task_name", "queue", "message")
+"""Columns taken from the :class:`~reliable_job.ports.StagedJob` as they are."""
+_NOW = ("created_at", "updated_at")
+"""Columns set to the staging instant (``updated_at`` also carries the NOTIFY, when due)."""
+
+
+@functools.cache
+def _columns() -> _Columns:
     from reliable_job.integrations.django.models import OutboxJob
 
-    now = _utc(datetime.now(timezone.utc), connection)
     fields = [f for f in OutboxJob._meta.concrete_fields if not f.primary_key]
-    quote = connection.ops.quote_name
-    params: list[Any] = []
-    for j in jobs:
-        obj = OutboxJob(
-            job_id=j.job_id,
-            task_name=j.task_name,
-            queue=j.queue,
-            message=j.message,
-            eta=_utc(j.eta, connection),
-            created_at=now,
-            updated_at=now,
-        )
-        params += [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields]
-    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    constants: dict[str, Any] = {}
+    timestamps: dict[str, Any] = {}
+    for f in fields:
+        if f.attname in _NOW or f.attname == "eta":
+            timestamps[f.column] = f
+        elif f.attname not in _STAGED:
+            constants[f.column] = f.get_default()  # the schema's default, or None
     table = validate_table_name(OutboxJob._meta.db_table)
-    columns = ", ".join(quote(f.column) for f in fields)
-    # Identifiers only: the validated table name and the model's own columns; values are bound.
-    sql = (
-        f"INSERT INTO {quote(table)} ({columns}) "  # noqa: S608
-        f"VALUES {', '.join([row] * len(jobs))} "
-        f"ON CONFLICT ({quote('job_id')}) DO NOTHING RETURNING {quote('job_id')}"
+    return _Columns(
+        table,
+        notify_channel(table),
+        tuple(f.column for f in fields),
+        constants,
+        timestamps,
     )
+
+
+_SQL: dict[tuple[str, int, bool], str] = {}
+"""The staging INSERT's text by (vendor, rows, notify): :func:`_insert_sql`."""
+
+
+def _insert_sql(vendor: str, quote: Callable[[str], str], rows: int, notify: bool) -> str:
+    """The staging INSERT's text for ``rows`` rows on a ``vendor`` connection (``quote``: its
+    identifier quoting), built once per shape (calls of up to 16 jobs are kept).
+
+    ``INSERT ... ON CONFLICT (job_id) DO NOTHING``: one row reports a conflict by its row count;
+    several return the ids they inserted. With ``notify`` (PostgreSQL) the first row's
+    ``updated_at`` is read through ``pg_notify(channel, '')``: the relays' wake-up rides in the
+    same statement, as in the SQLAlchemy writer, instead of a round trip of its own.
+    Identifiers only: the validated table name and the model's own columns; values are bound.
+    """
+    sql = _SQL.get((vendor, rows, notify))
+    if sql is None:
+        sql = _build_insert_sql(quote, rows, notify)
+        if rows <= 16:
+            _SQL[(vendor, rows, notify)] = sql
+    return sql
+
+
+def _build_insert_sql(quote: Callable[[str], str], rows: int, notify: bool) -> str:
+    columns = _columns()
+    placeholders = ["%s"] * len(columns.names)
+    row = "(" + ", ".join(placeholders) + ")"
+    first = row
+    if notify:
+        at = columns.names.index("updated_at")
+        placeholders[at] = "(SELECT CAST(%s AS timestamp with time zone) FROM pg_notify(%s, ''))"
+        first = "(" + ", ".join(placeholders) + ")"
+    sql = (
+        f"INSERT INTO {quote(columns.table)} ({', '.join(quote(c) for c in columns.names)}) "  # noqa: S608
+        f"VALUES {', '.join([first] + [row] * (rows - 1))} "
+        f"ON CONFLICT ({quote('job_id')}) DO NOTHING"
+    )
+    return sql if rows == 1 else f"{sql} RETURNING {quote('job_id')}"
+
+
+def _insert(connection: Any, jobs: Sequence[StagedJob], notify: bool = False) -> list[str]:
+    """The staging INSERT of ``jobs`` on ``connection`` (in its current atomic block, if any), one
+    statement sent on Django's cursor; return the ids that were already in the outbox. A conflict
+    is no database error: the caller's transaction stays usable (``bulk_create
+    (ignore_conflicts=True)`` would not tell which rows it skipped).
+
+    Values are bound; timestamps are prepared by the model's fields (time zones, each backend's
+    adaptation). No model object is built: the constant columns are prepared once
+    (:func:`_columns`), the text is built once per shape (:func:`_insert_sql`).
+    """
+    columns = _columns()
+    timestamps = columns.timestamps
+    now = _utc(datetime.now(timezone.utc), connection)
+    prepared_now = {c: timestamps[c].get_db_prep_save(now, connection) for c in _NOW}
+    eta_field = timestamps["eta"]
+    channel = columns.channel
+    params: list[Any] = []
+    for i, j in enumerate(jobs):
+        values = {
+            "job_id": j.job_id if isinstance(j.job_id, str) else str(j.job_id),
+            "task_name": j.task_name,
+            "queue": j.queue,
+            "message": j.message,
+            "eta": None if j.eta is None else eta_field.get_db_prep_save(_utc(j.eta, connection), connection),
+            **prepared_now,
+        }
+        for name in columns.names:
+            params.append(values[name] if name in values else columns.constants[name])
+            if notify and i == 0 and name == "updated_at":
+                params.append(channel)
+    sql = _insert_sql(connection.vendor, connection.ops.quote_name, len(jobs), notify)
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
+        if len(jobs) == 1:
+            return [] if cursor.rowcount == 1 else [jobs[0].job_id]
         return conflicting_ids(jobs, (r[0] for r in cursor.fetchall()))

@@ -1,0 +1,1 @@
+"""The one model of the bench's Django project: a row each request transaction creates."""
