@@ -107,6 +107,8 @@ class Relay:
             store, interval=settings.heartbeat_interval, path=settings.heartbeat_file, clock=clock
         )
         """The heartbeat file and the relay's row in ``<table>_relays`` (:mod:`reliable_job.heartbeat`)."""
+        self._hot_wait = self.hot_poll
+        """The next wait of a hot relay that listens (see :meth:`_next_hot_wait`)."""
 
     def run_once(self) -> int:
         """Claim, publish and mark one batch; return how many rows it held."""
@@ -230,8 +232,9 @@ class Relay:
                     continue
                 if handled:
                     self._hot_until = self._clock() + self.hot_window
+                    self._hot_wait = self.hot_poll
                 hot = self._clock() < self._hot_until
-                self.idle(self.hot_poll if hot else self.poll_interval)
+                self.idle(self._next_hot_wait() if hot else self.poll_interval)
         finally:
             self.heartbeat.stopped()
             self.broker.close()
@@ -267,6 +270,24 @@ class Relay:
         """Wait up to ``seconds`` for the next pass; a notification or :meth:`stop` ends it."""
         if self._waiting.wait(seconds):
             self._hot_until = self._clock() + self.hot_window
+            self._hot_wait = self.hot_poll
+
+    def _next_hot_wait(self) -> float:
+        """The wait before the next pass of a hot relay.
+
+        Polling only: ``hot_poll`` every time (a job staged without a notification is found within
+        ``hot_poll``). Listening: every job's staging notifies, except one staged within
+        ``notify_interval`` of an earlier notification from its process (the throttle), and such a
+        job is usually committed a few milliseconds after the one that notified. So the waits after
+        a pass double from ``hot_poll`` up to ``poll_interval`` while the passes find nothing, and
+        start over at ``hot_poll`` when one finds rows or a notification arrives: at trickle rates
+        a relay runs a few passes per wake-up instead of one every ``hot_poll`` for ``hot_window``
+        (an empty claim is still a transaction), and a throttled job waits at most
+        ``poll_interval``, as it would once the relay is idle."""
+        wait = self._hot_wait
+        if self._waiting.listening:
+            self._hot_wait = min(wait * 2, self.poll_interval)
+        return wait
 
     def redeliver_due(self) -> None:
         """Every ``redeliver_after / 10`` seconds (1 s to 60 s), put published jobs that never

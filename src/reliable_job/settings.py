@@ -71,7 +71,7 @@ class Settings:
     max_publish_attempts: int = 5
     """Publish attempts before a row that cannot be published is set ``dead``; also the most
     deliveries of a job that never completes (see ``redeliver_after``)."""
-    completion_interval: float = 0.05
+    completion_interval: float = 0.25
     """Seconds a worker process gathers the ids of finished jobs before deleting their rows in one
     statement (sooner when 500 are waiting; on worker shutdown and at exit too). 0 deletes each
     row as its task finishes. A worker killed outright (SIGKILL) leaves the rows it had gathered

@@ -450,6 +450,42 @@ def test_without_notifications_a_busy_relay_polls_quickly_then_slowly(store, bro
     assert waits[-1] == 30
 
 
+def test_a_listening_relay_backs_off_its_hot_polls_until_rows_or_a_notification(store, broker):
+    """Listening, a hot relay's waits double from hot_poll up to poll_interval while its passes
+    find nothing, and start over at hot_poll after a pass that found rows or a notification:
+    a job staged without a notification (the throttle) is still found, by a later pass."""
+    now = [0.0]
+    waits: list[float] = []
+
+    class RecordingWakeup(InMemoryWakeup):
+        def wait(self, timeout: float) -> bool:
+            waits.append(timeout)
+            now[0] += timeout
+            if len(waits) == 4:
+                store.write(jobs(1, "unannounced"))  # staged, no notification
+            if len(waits) == 12:
+                return True  # a notification
+            if len(waits) > 20:
+                relay.stop()
+            return False
+
+    wakeup = RecordingWakeup()
+    relay = Relay(
+        store,
+        broker,
+        Settings(poll_interval=0.64, hot_poll=0.01),
+        listen=lambda: wakeup,
+        hot_window=100.0,
+        clock=lambda: now[0],
+    )
+    store.write(jobs(1))
+    relay.run()
+    assert broker.published == ["message-job-0", "message-unannounced-0"]
+    assert waits[:4] == [0.01, 0.01, 0.02, 0.04]  # the first wait opens the listener
+    assert waits[4:12] == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 0.64]
+    assert waits[12:15] == [0.01, 0.02, 0.04]
+
+
 def test_a_relay_that_cannot_listen_polls_and_says_so(store, broker, caplog):
     """A failure to LISTEN (or a lost listening connection) falls back to polling, with a log
     line; the relay listens again later."""

@@ -170,8 +170,11 @@ class KeptConnection:
     never touches, nor closes, the one it inherited.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_connect: str | None = None) -> None:
+        """``on_connect``: a constant statement run once on each connection opened (session
+        settings, e.g. ``statements.BOOKKEEPING_COMMIT``)."""
         self._engine = engine
+        self._on_connect = on_connect
         self._held: tuple[int, Connection] | None = None
         self._lock = threading.Lock()
 
@@ -203,6 +206,8 @@ class KeptConnection:
             _INHERITED.append(held[1])
         with unavailable_as_error():
             conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            if self._on_connect is not None:
+                conn.exec_driver_sql(self._on_connect)
         self._held = (os.getpid(), conn)
         return conn
 

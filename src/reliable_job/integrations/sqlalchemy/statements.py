@@ -33,12 +33,28 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from reliable_job import schema
 from reliable_job.ports import StagedJob
 
-CLAIM_PLAN = "SET LOCAL enable_sort = off"
-"""Claims walk the partial index ``ix_<table>_pending`` in id order, whatever the statistics say.
+CLAIM_PLAN = "SELECT set_config('enable_sort', 'off', true), set_config('synchronous_commit', 'off', true)"
+"""The claim's transaction settings, in one round trip (``set_config(..., true)`` is ``SET
+LOCAL``: for the claim's transaction only).
 
-Without it, on a table not analyzed yet (a fresh table, a burst of inserts before autovacuum's
-ANALYZE) the planner may fetch every pending row through ``ix_<table>_state`` and sort them all
-for each batch. ``SET LOCAL`` lasts for the claim's transaction only."""
+``enable_sort = off``: claims walk the partial index ``ix_<table>_pending`` in id order, whatever
+the statistics say. Without it, on a table not analyzed yet (a fresh table, a burst of inserts
+before autovacuum's ANALYZE) the planner may fetch every pending row through ``ix_<table>_state``
+and sort them all for each batch.
+
+``synchronous_commit = off``: the claim's COMMIT does not wait for its WAL to reach the disk (see
+:data:`BOOKKEEPING_COMMIT`)."""
+
+BOOKKEEPING_COMMIT = "SET synchronous_commit = off"
+"""Run once on the connection completion keeps (its DELETEs and a retry's postpone).
+
+The relay's and the worker's bookkeeping (pending -> sent, a finished job's DELETE) commit
+without waiting for the disk: only a PostgreSQL crash (or the machine's) in the next few hundred
+milliseconds (``wal_writer_delay`` x 3 at most) can undo them, and undoing one only puts a row
+back as it was before: a claimed row pending again (published again), a finished job's row
+``sent`` again (published again by the loss check or ``redeliver_after``). A duplicate after a
+crash, never a loss: staging, which the promise rests on, commits in the application's own
+transaction, with its settings. A later synchronous commit on the server flushes these too."""
 
 
 def utcnow() -> datetime:

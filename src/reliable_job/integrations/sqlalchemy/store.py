@@ -25,7 +25,12 @@ from reliable_job.integrations.sqlalchemy.engine import (
 )
 from reliable_job.integrations.sqlalchemy.listen import PostgresListener, postgres_listener
 from reliable_job.integrations.sqlalchemy.relays import RelayHeartbeats
-from reliable_job.integrations.sqlalchemy.statements import CLAIM_PLAN, OutboxStatements, utcnow
+from reliable_job.integrations.sqlalchemy.statements import (
+    BOOKKEEPING_COMMIT,
+    CLAIM_PLAN,
+    OutboxStatements,
+    utcnow,
+)
 from reliable_job.integrations.sqlalchemy.table import outbox_table
 from reliable_job.integrations.sqlalchemy.writers import sqlalchemy_stager
 from reliable_job.ports import OutboxStatus, SentRow, StagedJob, as_utc
@@ -60,7 +65,9 @@ class SQLAlchemyDatabase:
         self.stager = sqlalchemy_stager(settings, self.engine, self.statements)
         # Claims open with BEGIN IMMEDIATE on SQLite (one writer); the option is ignored elsewhere.
         self._claim_engine = claim_engine(self.engine)
-        self._completion = KeptConnection(self.engine)
+        self._completion = KeptConnection(
+            self.engine, BOOKKEEPING_COMMIT if self.engine.dialect.name == "postgresql" else None
+        )
 
     def relay_stores(self) -> Sequence[SQLAlchemyDatabase]:
         """One database, one store: this one."""
