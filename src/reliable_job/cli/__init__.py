@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None, *, app: Any = None) -> int:
     try:
         return int(args.func(args))
     except ReliableJobError as exc:
-        print(f"reliable-job: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"reliable-job: error: {' '.join(str(missing_extra(exc) or exc).split())}", file=sys.stderr)
         return 2
     except ImportError as exc:
         extra = missing_extra(exc)

@@ -38,12 +38,23 @@ class MissingExtra(ReliableJobError):
 
 
 def missing_extra(exc: BaseException) -> MissingExtra | None:
-    """The :class:`MissingExtra` an ``ImportError`` of one of the extras' packages means, else ``None``."""
-    if not isinstance(exc, ImportError):
-        return None
-    name = (getattr(exc, "name", None) or "").partition(".")[0]
-    extra = EXTRAS.get(name)
-    return MissingExtra(name, extra) if extra else None
+    """The :class:`MissingExtra` an ``ImportError`` of one of the extras' packages means, else ``None``.
+
+    The ``ImportError`` may be the cause of what was raised: a database URL whose driver is not
+    installed is a ``ConfigurationError`` from SQLAlchemy's ``ImportError``, and Celery's
+    ``find_app`` turns that into a ``ValueError`` when the app module's ``install()`` raises it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ImportError):
+            name = (current.name or "").partition(".")[0]
+            extra = EXTRAS.get(name)
+            if extra:
+                return MissingExtra(name, extra)
+        suppressed = current.__suppress_context__
+        current = current.__cause__ or (None if suppressed else current.__context__)
+    return None
 
 
 def cwd_on_path() -> None:
