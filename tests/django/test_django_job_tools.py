@@ -198,3 +198,4 @@ def test_manage_py_jobs_as_a_subprocess(jobs):
     )
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.strip().splitlines()[-1] == "1 job(s)"
+    assert "" not in listed.stdout.strip().splitlines()  # no blank line after each row
