@@ -154,6 +154,18 @@ def test_a_bad_setting_is_reported_by_check_and_no_longer_breaks_migrate():
     assert "No migrations to apply" in migrated.stdout
 
 
+@pytest.mark.parametrize(
+    ("table_name", "check_id"), [("t" * 80, "reliable_job.E007"), ("bad-name", "reliable_job.E004")]
+)
+def test_a_bad_table_name_is_reported_by_check_not_a_crash_at_start_up(table_name, check_id):
+    """Both models (the outbox and its relays' heartbeat table) start Django with a bad table
+    name, so that ``manage.py check`` reports it instead of a traceback from the models' import."""
+    checked = manage("check", bad={"table_name": table_name})
+    assert checked.returncode == 1
+    assert "Traceback" not in checked.stderr, checked.stderr
+    assert check_id in checked.stderr, checked.stderr
+
+
 @pytest.mark.django_db(databases=["default"])
 def test_with_a_bad_setting_staging_raises_and_the_worker_refuses_to_start():
     bad = {"batch_size": 0}

@@ -198,3 +198,31 @@ def test_manage_py_jobs_as_a_subprocess(jobs):
     )
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.strip().splitlines()[-1] == "1 job(s)"
+    assert "" not in listed.stdout.strip().splitlines()  # no blank line after each row
+
+
+def test_reliable_job_dash_a_starts_django(jobs, tmp_path):
+    """``reliable-job -A proj`` and ``celery -A proj reliable-job`` in a Django project start Django
+    (as ``celery worker`` does), so they read the project's outbox databases, not the default
+    ``sqlite:///reliable_job.sqlite3`` (which they created as a stray file in the project)."""
+    for argv in (
+        [sys.executable, "-m", "reliable_job.cli", "-A", "proj", "jobs", "list", "--json", "--state", "dead"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "proj",
+            "reliable-job",
+            "jobs",
+            "list",
+            "--json",
+            "--state",
+            "dead",
+        ],
+    ):
+        out = subprocess.run(argv, cwd=EXAMPLE, env=env(), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        listed = json.loads(out.stdout)
+        assert [(r["job_id"], r["database"]) for r in listed] == [(jobs["dead"], "default")]
+    assert not (EXAMPLE / "reliable_job.sqlite3").exists()

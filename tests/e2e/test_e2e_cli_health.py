@@ -244,6 +244,31 @@ def test_a_base_install_names_the_extra(tmp_path):
         )
 
 
+def test_a_missing_database_driver_names_the_extra(tmp_path, redis_url):
+    """A PostgreSQL URL without psycopg installed, from the app's ``install()`` (which Celery's
+    ``find_app`` wraps in a ``ValueError``) or from ``--database-url``: the ``postgres`` extra, in one
+    line, not ``bad database URL: No module named 'psycopg'``."""
+    url = "postgresql+psycopg://user@127.0.0.1:1/db"
+    write_project(tmp_path, redis_url, url, "reliable_job_outbox")
+    for argv in (
+        ["-A", "proj", "status"],
+        ["status", "--database-url", url],
+        ["jobs", "list", "--database-url", url],
+    ):
+        code = (
+            "import sys; sys.modules['psycopg'] = None\n"
+            f"from reliable_job.cli import main\nsys.exit(main({argv!r}))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env()
+        )
+        assert out.returncode == 2, out.stderr
+        assert (
+            out.stderr.strip()
+            == "reliable-job: error: this command needs psycopg: pip install 'reliable-job[postgres]'"
+        )
+
+
 def test_the_relay_in_a_worker_touches_its_heartbeat_file(services, tmp_path):
     """The in-worker relay takes ``heartbeat_file`` from the one Settings object (here
     ``RELIABLE_JOB_HEARTBEAT_FILE``) and touches it while it runs."""

@@ -162,6 +162,30 @@ def test_worker_metrics_port_prefork_multiprocess(services, celery_app, engine, 
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_worker_metrics_port_in_use_keeps_the_worker_running(services, celery_app, engine, outbox):
+    """A ``metrics_port`` another process holds is one logged error: the worker still relays and
+    runs its jobs (its metrics are not worth the jobs)."""
+    import socket
+
+    port = free_port()
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        worker = services.worker(
+            concurrency=1, RELIABLE_JOB_METRICS_PORT=str(port), RELIABLE_JOB_METRICS_ADDR="127.0.0.1"
+        )
+        ids = stage_records(engine, "busy", 3)
+        wait_for(lambda: set(services.runs()) >= set(ids), timeout=120, interval=0.5, message="every job ran")
+        wait_for(
+            lambda: count_rows(engine, outbox) == 0, timeout=60, interval=0.2, message="every row deleted"
+        )
+        assert worker.poll() is None, services.log(worker)
+        assert f"cannot serve metrics on 127.0.0.1:{port}" in services.log(worker)
+    assert services.stop(worker) == 0
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_job_published_rows_give_their_task_names(celery_app, engine, outbox):
     """A receiver of job_published reads the task name from each stored row."""
     from reliable_job.integrations.celery.decoding import task_name_of

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from reliable_job.cli import health
-from reliable_job.cli.apps import load_app, missing_extra
+from reliable_job.cli.apps import load_app, missing_extra, start_django_if_configured
 from reliable_job.cli.jobs import add_jobs_commands
 from reliable_job.errors import ConfigurationError, DatabaseUnavailable, ReliableJobError
 from reliable_job.ports import OutboxStatus
@@ -42,6 +42,8 @@ def app_of(args: argparse.Namespace, *, required: bool = False) -> Any:
     app = getattr(args, "app_object", None)
     if app is None and getattr(args, "app", None):
         app = args.app_object = load_app(args.app)
+    if app is not None:
+        start_django_if_configured(app)
     if app is None and required:
         raise ConfigurationError(f"{args.command} needs the Celery app: reliable-job -A proj {args.command}")
     return app
@@ -328,7 +330,7 @@ def main(argv: Sequence[str] | None = None, *, app: Any = None) -> int:
     try:
         return int(args.func(args))
     except ReliableJobError as exc:
-        print(f"reliable-job: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"reliable-job: error: {' '.join(str(missing_extra(exc) or exc).split())}", file=sys.stderr)
         return 2
     except ImportError as exc:
         extra = missing_extra(exc)

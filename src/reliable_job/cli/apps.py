@@ -38,12 +38,23 @@ class MissingExtra(ReliableJobError):
 
 
 def missing_extra(exc: BaseException) -> MissingExtra | None:
-    """The :class:`MissingExtra` an ``ImportError`` of one of the extras' packages means, else ``None``."""
-    if not isinstance(exc, ImportError):
-        return None
-    name = (getattr(exc, "name", None) or "").partition(".")[0]
-    extra = EXTRAS.get(name)
-    return MissingExtra(name, extra) if extra else None
+    """The :class:`MissingExtra` an ``ImportError`` of one of the extras' packages means, else ``None``.
+
+    The ``ImportError`` may be the cause of what was raised: a database URL whose driver is not
+    installed is a ``ConfigurationError`` from SQLAlchemy's ``ImportError``, and Celery's
+    ``find_app`` turns that into a ``ValueError`` when the app module's ``install()`` raises it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ImportError):
+            name = (current.name or "").partition(".")[0]
+            extra = EXTRAS.get(name)
+            if extra:
+                return MissingExtra(name, extra)
+        suppressed = current.__suppress_context__
+        current = current.__cause__ or (None if suppressed else current.__context__)
+    return None
 
 
 def cwd_on_path() -> None:
@@ -76,3 +87,28 @@ def load_app(spec: str) -> Any:
     if not isinstance(app, Celery):
         raise ConfigurationError(f"{spec!r} is {type(app).__name__}, not a Celery app")
     return app
+
+
+def start_django_if_configured(app: Any) -> None:
+    """Start Django for an app of Celery's Django layout, as ``celery worker`` does.
+
+    There, reliable-job is installed on the app when Django starts (the ``reliable_job`` Django
+    app's ``ready()``), and Celery's Django fix-up starts Django only in a worker. Without this,
+    ``reliable-job -A proj status`` (or ``celery -A proj reliable-job status``) in a Django
+    project read the default ``sqlite:///reliable_job.sqlite3`` (a stray file in the project
+    directory) instead of the project's databases. Same test as Celery's fix-up:
+    ``DJANGO_SETTINGS_MODULE`` set (``proj/celery.py`` sets it) and Django importable."""
+    if getattr(app, "reliable_job", None) is not None or not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        return
+    try:
+        import django
+        from django.apps import apps
+    except ImportError:
+        return
+    if apps.ready:
+        return
+    try:
+        django.setup()
+    except Exception as exc:
+        settings = os.environ["DJANGO_SETTINGS_MODULE"]
+        raise ConfigurationError(f"cannot start Django ({settings}): {type(exc).__name__}: {exc}") from exc

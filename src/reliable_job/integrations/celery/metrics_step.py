@@ -36,11 +36,22 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
             _prometheus().register()
 
     def start(self, worker: Any) -> None:
+        """Serve ``/metrics``. A port already in use (two workers on one host given the same
+        ``metrics_port``) is logged, not raised: the worker still runs its jobs, its relay and
+        its completions, which matter more than its metrics."""
         assert self.runtime is not None
         settings = self.runtime.settings
-        self.server = _prometheus().serve(
-            settings.metrics_port, settings.metrics_addr, database=self.runtime.database
-        )
+        try:
+            self.server = _prometheus().serve(
+                settings.metrics_port, settings.metrics_addr, database=self.runtime.database
+            )
+        except OSError as exc:
+            logger.error(
+                "cannot serve metrics on %s:%d, the worker runs without them: %s",
+                settings.metrics_addr,
+                settings.metrics_port,
+                exc,
+            )
 
     def stop(self, worker: Any) -> None:
         server = self.server[0] if isinstance(self.server, tuple) else None

@@ -30,7 +30,7 @@ OutboxJob = _build()
 def _build_relay() -> Any:
     attrs: dict[str, Any] = {"__module__": __name__, "__qualname__": "RelayHeartbeat"}
     attrs.update(django_schema.relay_fields())
-    meta = dict(django_schema.relay_options(conf.table_name()), app_label="reliable_job")
+    meta = dict(django_schema.relay_options(conf.model_table_name()), app_label="reliable_job")
     attrs["Meta"] = type("Meta", (), meta)
     attrs["__str__"] = lambda self: f"relay {self.relay_id}"
     return type("RelayHeartbeat", (models.Model,), attrs)

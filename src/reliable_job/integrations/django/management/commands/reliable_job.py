@@ -56,6 +56,24 @@ class AliasAdmin:
         )
 
 
+class PlainWriter:
+    """Django's ``OutputWrapper`` as a plain stream for the job tools, which ``print``: the
+    wrapper ends every ``write`` with a newline, so ``print``'s own ``"\n"`` became a blank line
+    after every line."""
+
+    def __init__(self, wrapper: Any) -> None:
+        self.wrapper = wrapper
+
+    def write(self, text: str) -> Any:
+        return self.wrapper.write(text, ending="")
+
+    def flush(self) -> Any:
+        return self.wrapper.flush()
+
+    def isatty(self) -> bool:
+        return bool(self.wrapper.isatty())
+
+
 def runtime_for(spec: str | None) -> Any:
     """The Django runtime of the Celery app ``spec`` (``module:attribute``), or of the project's
     Celery app (the one the standard layout imports in ``proj/__init__.py``)."""
@@ -126,7 +144,9 @@ class Command(BaseCommand):
                 self.stdout.write(cli.format_status(status, as_json=options["json"]))
             elif action == "jobs":
                 admin = AliasAdmin(runtime.database, options["database"])
-                status = cli_jobs.run_jobs(argparse.Namespace(**options), admin, self.stdout, self.stderr)
+                status = cli_jobs.run_jobs(
+                    argparse.Namespace(**options), admin, PlainWriter(self.stdout), PlainWriter(self.stderr)
+                )
                 if status:
                     raise CommandError(
                         f"jobs {options['jobs_command']}: exit status {status}", returncode=status
