@@ -248,6 +248,8 @@ class Services:
             RELIABLE_JOB_POLL_INTERVAL="0.05",
             RELIABLE_JOB_BACKOFF_CAP="1.0",
             PYTHONPATH=str(ROOT),
+            # SIGABRT then dumps every thread's stack (stop(): a process that hangs on SIGTERM)
+            PYTHONFAULTHANDLER="1",
         )
         env.update(self.extra_env)
         env.update(extra)
@@ -291,9 +293,9 @@ class Services:
 
     def stop(self, proc: Process, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """``sig``, then its exit status; still running after ``timeout``: killed, and an error
-        (a worker logs its threads' stacks first: Celery's SIGUSR1 handler)."""
-        dump = signal.SIGUSR1 if proc.name == "worker" else None
-        return proc.stop(sig, timeout, strict=True, dump_signal=dump)
+        (after SIGABRT first: faulthandler, on in every process the tests start, writes each
+        thread's stack to the log, even from a process stuck in a C call or at interpreter exit)."""
+        return proc.stop(sig, timeout, strict=True, dump_signal=signal.SIGABRT)
 
     def log(self, proc: Process) -> str:
         return proc.log()

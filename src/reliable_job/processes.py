@@ -206,10 +206,10 @@ class Process:
         """Send ``sig``, wait up to ``timeout`` seconds for the exit; return the exit status.
 
         Still running then: ``dump_signal`` first if given (a signal that makes the process log
-        its threads' stacks, as SIGUSR1 does to a ``celery worker``, so the report shows where it
-        hung), SIGKILL to the whole group, and either a warning and the (``-9``) status or, with
-        ``strict``, :class:`TimeoutError` (the tests: a process that ignores SIGTERM is a failure,
-        not something to paper over)."""
+        its threads' stacks, as SIGABRT does to a Python process with ``PYTHONFAULTHANDLER=1``, so
+        the report shows where it hung), SIGKILL to the whole group, and either a warning and the
+        (``-9``) status or, with ``strict``, :class:`TimeoutError` (the tests: a process that
+        ignores SIGTERM is a failure, not something to paper over)."""
         if self.poll() is None:
             self.send_signal(sig)
         status = self._reap(timeout)
