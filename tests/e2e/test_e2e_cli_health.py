@@ -176,6 +176,16 @@ def test_check_exits_non_zero_with_one_line_per_threshold(project, engine, table
     out = rj(project, "check", "--database-url", "postgresql+psycopg://u:s3cret@127.0.0.1:1/x")
     assert out.returncode == 1 and out.stdout.startswith("database unreachable:"), out.stdout + out.stderr
     assert "s3cret" not in out.stdout + out.stderr
+    # a database that refuses the configuration for good is told from an outage
+    for url, table, kind in wrong_configurations(
+        str(engine.url.render_as_string(hide_password=False)), table_name
+    ):
+        out = rj(project, "check", "--database-url", url, "--table", table)
+        line = out.stdout.strip()
+        assert out.returncode == 1 and line.startswith("database refuses the configuration:"), (
+            line + out.stderr
+        )
+        assert kind in line and "s3cret" not in out.stdout + out.stderr
 
 
 def wrong_configurations(database_url: str, table_name: str) -> list[tuple[str, str, str]]:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from reliable_job.errors import ReliableJobError
+from reliable_job.errors import DatabaseMisconfigured, ReliableJobError
 from reliable_job.ports import OutboxStatus
 
 
@@ -113,6 +113,8 @@ def run_check(
     status = None
     try:
         status = read_status()
+    except DatabaseMisconfigured as exc:  # a refused login, an unknown database, no table
+        failed.append(f"database refuses the configuration: {' '.join(str(exc).split())}")
     except ReliableJobError as exc:
         failed.append(f"database unreachable: {' '.join(str(exc).split())}")
     if status is not None:

@@ -11,13 +11,15 @@ others and the oldest sent one), and on PostgreSQL a state the planner estimates
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from sqlalchemy import Connection, Engine, Table, func, literal, select
 from sqlalchemy.exc import DBAPIError
 
 from reliable_job import schema
-from reliable_job.errors import DatabaseMisconfigured
+from reliable_job.errors import DatabaseMisconfigured, DatabaseUnavailable
 from reliable_job.heartbeat import RelayBeat
 from reliable_job.integrations.sqlalchemy.engine import unavailable_as_error
 from reliable_job.integrations.sqlalchemy.relays import is_missing_table
@@ -33,7 +35,7 @@ def read_status(engine: Engine, table: Table, relays: list[RelayBeat]) -> Outbox
     postgres = engine.dialect.name == "postgresql"
     counts: dict[str, int] = {}
     estimated = False
-    with unavailable_as_error(), engine.connect() as conn:
+    with classified_errors(table), engine.connect() as conn:
         if postgres:
             for state in schema.STATES:
                 counts[state], guessed = _bounded_count(conn, t, state)
@@ -123,16 +125,25 @@ def probe(engine: Engine, table: Table) -> None:
     """Read the outbox table once. Raises :class:`~reliable_job.errors.DatabaseMisconfigured`
     (one line: which, and the server's words, never the URL) when the configuration is wrong for
     good, :class:`~reliable_job.errors.DatabaseUnavailable` when the database is only unreachable."""
+    with classified_errors(table), engine.connect() as conn:
+        conn.execute(select(table.c.id).limit(1)).all()
+
+
+@contextmanager
+def classified_errors(table: Table) -> Iterator[None]:
+    """Database errors as :class:`~reliable_job.errors.DatabaseMisconfigured` when the
+    configuration is wrong for good (:func:`misconfiguration`), else as ``unavailable_as_error``
+    has them (``DatabaseUnavailable`` for an outage)."""
     try:
-        with engine.connect() as conn:
-            conn.execute(select(table.c.id).limit(1)).all()
-    except DBAPIError as exc:
-        kind = misconfiguration(exc)
-        if kind is None:
+        yield
+    except (DBAPIError, DatabaseUnavailable) as exc:
+        error = exc.__cause__ if isinstance(exc, DatabaseUnavailable) else exc
+        kind = misconfiguration(error) if isinstance(error, DBAPIError) else None
+        if kind is None or not isinstance(error, DBAPIError):
             with unavailable_as_error():
                 raise
-        if is_missing_table(exc):
+        if is_missing_table(error):
             detail = f"table {table.name} does not exist (create it: reliable-job init-db or migrations)"
         else:
-            detail = " ".join(str(exc.orig).split())
-        raise DatabaseMisconfigured(f"{kind}: {detail}") from exc
+            detail = " ".join(str(error.orig).split())
+        raise DatabaseMisconfigured(f"{kind}: {detail}") from error

@@ -198,9 +198,10 @@ class SQLAlchemyDatabase:
     def status(self) -> OutboxStatus:
         """Counts, oldest pending and sent ages, the relays' heartbeats: index walks only, the
         counts estimated above a threshold on PostgreSQL (``integrations/sqlalchemy/health.py``)."""
-        from reliable_job.integrations.sqlalchemy.health import read_status
+        from reliable_job.integrations.sqlalchemy.health import classified_errors, read_status
 
-        return read_status(self.engine, self.table, self.relays())
+        with classified_errors(self.table):  # a refused login is not an outage
+            return read_status(self.engine, self.table, self.relays())
 
     def retry_dead(self) -> int:
         with unavailable_as_error(), self.engine.begin() as conn:
