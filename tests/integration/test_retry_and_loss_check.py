@@ -63,7 +63,7 @@ def test_a_retry_waiting_in_the_queue_is_not_taken_for_lost(celery_app, engine, 
     republishes it under its own id through kombu (kombu's delivery tag, not the relay's) and the
     task ends in RETRY (postrun). The retry's message waits: the loss check must not publish the
     job once more (before the fix: requeued once, two messages of the job queued)."""
-    from reliable_job.integrations.celery import worker
+    from reliable_job.integrations.celery import markers, worker
     from reliable_job.integrations.celery.lost import STARTED_PREFIX
     from tests.apps.celery_app import record
 
@@ -74,6 +74,7 @@ def test_a_retry_waiting_in_the_queue_is_not_taken_for_lost(celery_app, engine, 
         worker._mark_started(sender=record, task_id=job_id)
         record.apply_async(("retry0",), task_id=job_id, countdown=600)  # what Task.retry does
         worker._mark_finished(sender=record, task_id=job_id, state="RETRY")
+    markers.flush()  # written by this process's marker writer, a few ms later
     assert client.llen("celery") == 1
     assert client.ttl(STARTED_PREFIX + job_id) > 600  # until the retry is due, and then some
     time.sleep(1.2)

@@ -12,7 +12,10 @@ its own messages again without storing anything new:
 - **started**: a worker started the job (:func:`mark_started`, written by the worker's
   ``task_prerun`` for reliable tasks: with Celery's default early acknowledgement the message
   leaves ``unacked`` as the job starts). The marker lives ``redeliver_after`` while the job runs and
-  a short while after it ends (:func:`mark_finished`), so that its row is deleted first.
+  a short while after it ends (:func:`mark_finished`), so that its row is deleted first. Markers
+  are written off the task's path, a few milliseconds late and in order, by a thread of the
+  worker process (:mod:`~reliable_job.integrations.celery.markers`): the loss check looks only at
+  rows published ``lost_check_after`` ago and wants a message missing at two checks in a row.
 
 With ``take_over`` (the ``redeliver_after`` backstop), a held message is removed from ``unacked``
 and its index by the relay (``HDEL``: kombu's restore runs in a transaction that ``WATCH``\\ es
@@ -33,6 +36,7 @@ from typing import Any, cast
 from kombu.utils.json import dumps, loads
 from redis.exceptions import ResponseError
 
+from reliable_job.integrations.celery import markers
 from reliable_job.integrations.celery.decoding import Route
 from reliable_job.integrations.celery.redis_fast_path import delivery_tag, lookup, route_and_head
 from reliable_job.ports import SentRow, Whereabouts
@@ -179,25 +183,22 @@ def _client(app: Any) -> Any:
 
 
 def mark_started(app: Any, job_id: str, ttl: float) -> None:
-    """Record that ``job_id`` started (``ttl`` seconds): the loss check leaves it alone."""
+    """Record that ``job_id`` started (``ttl`` seconds): the loss check leaves it alone. Written
+    a few milliseconds later by this process's marker writer, in order
+    (:mod:`~reliable_job.integrations.celery.markers` says why that is safe)."""
     client = _client(app)
     if client is None:
         return
-    try:
-        client.set(STARTED_PREFIX + job_id, b"1", ex=max(1, int(ttl)))
-    except Exception:
-        logger.debug("could not mark job %s started", job_id, exc_info=True)
+    markers.writer.add(client, markers.SET, STARTED_PREFIX + job_id, max(1, int(ttl)))
 
 
 def mark_finished(app: Any, job_id: str, ttl: float) -> None:
-    """Shorten the marker of a job that ended to ``ttl`` seconds (its row goes meanwhile)."""
+    """Shorten the marker of a job that ended to ``ttl`` seconds (its row goes meanwhile);
+    written after its :func:`mark_started`, through the same writer."""
     client = _client(app)
     if client is None:
         return
-    try:
-        client.expire(STARTED_PREFIX + job_id, max(1, int(ttl)))
-    except Exception:
-        logger.debug("could not mark job %s finished", job_id, exc_info=True)
+    markers.writer.add(client, markers.EXPIRE, STARTED_PREFIX + job_id, max(1, int(ttl)))
 
 
 def marker_ttls(redeliver_after: float, lost_check_after: float) -> tuple[float, float]:

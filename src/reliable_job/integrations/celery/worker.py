@@ -157,7 +157,11 @@ def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
 
 def _flush_completions(**_: Any) -> None:
     """Worker shutdown (``worker_shutdown``: main process, solo and threads pools;
-    ``worker_process_shutdown``: a prefork child exiting): delete the rows still buffered."""
+    ``worker_process_shutdown``: a prefork child exiting): delete the rows still buffered, and
+    write the started markers still buffered (``markers.py``)."""
+    from reliable_job.integrations.celery import markers
+
+    markers.close()
     for app in list(_apps):
         runtime = getattr(app, "reliable_job", None)
         if runtime is None:
