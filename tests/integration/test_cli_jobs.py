@@ -27,7 +27,9 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def db(database_url, table_name):
+def db_args(database_url, table_name):
+    """The database options (not named `db`: pytest-django would take it for its own fixture
+    and run these tests among the Django ones, with Django's Celery app not finalized yet)."""
     return ["--database-url", database_url, "--table", table_name]
 
 
@@ -71,36 +73,36 @@ def states(engine, outbox) -> dict[str, str]:
     return {row["job_id"]: row["state"] for row in outbox_rows(engine, outbox)}
 
 
-def test_list_filters_by_state_task_and_age(capsys, db, staged):
-    code, out, _ = run(capsys, "jobs", "list", "--json", *db)
+def test_list_filters_by_state_task_and_age(capsys, db_args, staged):
+    code, out, _ = run(capsys, "jobs", "list", "--json", *db_args)
     assert code == 0
     assert [r["job_id"] for r in json.loads(out)] == [staged[k] for k in ("a", "b", "c", "d", "nested")]
 
-    _, out, _ = run(capsys, "jobs", "list", "--json", "--state", "dead", *db)
+    _, out, _ = run(capsys, "jobs", "list", "--json", "--state", "dead", *db_args)
     assert [r["job_id"] for r in json.loads(out)] == [staged["c"], staged["d"]]
-    _, out, _ = run(capsys, "jobs", "list", "--json", "--state", "dead", "--older-than", "3h", *db)
+    _, out, _ = run(capsys, "jobs", "list", "--json", "--state", "dead", "--older-than", "3h", *db_args)
     assert [r["job_id"] for r in json.loads(out)] == [staged["c"]]
-    _, out, _ = run(capsys, "jobs", "list", "--json", "--older-than", "90m", *db)
+    _, out, _ = run(capsys, "jobs", "list", "--json", "--older-than", "90m", *db_args)
     assert [r["job_id"] for r in json.loads(out)] == [staged["c"], staged["d"]]
-    _, out, _ = run(capsys, "jobs", "list", "--json", "--task", "tests.apps.celery_app.record", *db)
+    _, out, _ = run(capsys, "jobs", "list", "--json", "--task", "tests.apps.celery_app.record", *db_args)
     assert [r["job_id"] for r in json.loads(out)] == [staged[k] for k in "abc"]
-    _, out, _ = run(capsys, "jobs", "list", "--json", "--task", "*fail*", *db)
+    _, out, _ = run(capsys, "jobs", "list", "--json", "--task", "*fail*", *db_args)
     assert [r["job_id"] for r in json.loads(out)] == [staged["d"], staged["nested"]]
-    _, out, _ = run(capsys, "jobs", "list", "--json", "--task", "tests_apps%", *db)
+    _, out, _ = run(capsys, "jobs", "list", "--json", "--task", "tests_apps%", *db_args)
     assert json.loads(out) == []  # % and _ are literal
-    _, out, _ = run(capsys, "jobs", "list", "--json", "--limit", "2", *db)
+    _, out, _ = run(capsys, "jobs", "list", "--json", "--limit", "2", *db_args)
     assert len(json.loads(out)) == 2
 
-    code, out, _ = run(capsys, "jobs", "list", "--state", "dead", *db)
+    code, out, _ = run(capsys, "jobs", "list", "--state", "dead", *db_args)
     lines = out.strip().splitlines()
     assert lines[0].split() == ["id", "state", "task", "queue", "age", "attempts", "error"]
     assert "ValueError: c" in lines[1] and " 10d " in lines[1]
     assert lines[-1] == "2 job(s)"
 
 
-def test_show_decodes_a_json_message(capsys, db, staged, engine, outbox):
+def test_show_decodes_a_json_message(capsys, db_args, staged, engine, outbox):
     """Nested kwargs and non-ASCII args, decoded; by task id or by row id; JSON and text."""
-    code, out, _ = run(capsys, "jobs", "show", staged["nested"], "--json", *db)
+    code, out, _ = run(capsys, "jobs", "show", staged["nested"], "--json", *db_args)
     assert code == 0, out
     doc = json.loads(out)
     message = doc["message"]
@@ -112,17 +114,17 @@ def test_show_decodes_a_json_message(capsys, db, staged, engine, outbox):
     assert message["headers"]["id"] == staged["nested"] and message["body_note"] is None
     assert message["routing_key"] == "celery" and message["content_type"] == "application/json"
 
-    code, text, _ = run(capsys, "jobs", "show", str(doc["id"]), *db)
+    code, text, _ = run(capsys, "jobs", "show", str(doc["id"]), *db_args)
     assert code == 0
     assert "café ✓ 東京" in text and '"deep": ["ü"' in text
     assert "publish attempts:" in text and "due to publish:" in text and "(in " in text
     assert "headers:" in text and "broker refused" in text
 
-    code, _, err = run(capsys, "jobs", "show", "no-such-job", *db)
+    code, _, err = run(capsys, "jobs", "show", "no-such-job", *db_args)
     assert code == 1 and "no job" in err
 
 
-def test_show_never_unpickles(capsys, db, staged, engine, outbox, tmp_path, monkeypatch):
+def test_show_never_unpickles(capsys, db_args, staged, engine, outbox, tmp_path, monkeypatch):
     """A pickle-serialized row is shown as opaque: its body would run code if unpickled."""
     from tests.apps.celery_app import record
 
@@ -143,58 +145,58 @@ def test_show_never_unpickles(capsys, db, staged, engine, outbox, tmp_path, monk
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
-    code, out, _ = run(capsys, "jobs", "show", job_id, "--json", *db)
+    code, out, _ = run(capsys, "jobs", "show", job_id, "--json", *db_args)
     assert code == 0
     message = json.loads(out)["message"]
     assert message["body_note"] == f"<pickle body, {len(evil)} bytes>"
     assert message["args"] is None and message["kwargs"] is None
     assert message["content_type"] == "application/x-python-serialize"
-    _, text, _ = run(capsys, "jobs", "show", job_id, *db)
+    _, text, _ = run(capsys, "jobs", "show", job_id, *db_args)
     assert "arguments:" in text and f"<pickle body, {len(evil)} bytes>" in text
     assert not marker.exists()
 
 
-def test_retry_dead_with_filters_and_dry_run(capsys, db, staged, engine, outbox):
+def test_retry_dead_with_filters_and_dry_run(capsys, db_args, staged, engine, outbox):
     before = outbox_rows(engine, outbox)
-    code, out, _ = run(capsys, "jobs", "retry-dead", "--dry-run", *db)
+    code, out, _ = run(capsys, "jobs", "retry-dead", "--dry-run", *db_args)
     assert (code, out.strip()) == (0, "dry run: 2 dead job(s) back to pending (nothing changed)")
     assert outbox_rows(engine, outbox) == before
 
-    code, out, err = run(capsys, "jobs", "retry-dead", "--older-than", "7d", "--batch-size", "1", *db)
+    code, out, err = run(capsys, "jobs", "retry-dead", "--older-than", "7d", "--batch-size", "1", *db_args)
     assert (code, out.strip()) == (0, "1 dead job(s) back to pending")
     assert err == ""  # not a terminal: no progress
     assert states(engine, outbox)[staged["c"]] == "pending"
     assert states(engine, outbox)[staged["d"]] == "dead"
 
     # the top-level alias takes the same filters; with IDs, only those rows
-    code, out, _ = run(capsys, "retry-dead", staged["a"], staged["d"], *db)
+    code, out, _ = run(capsys, "retry-dead", staged["a"], staged["d"], *db_args)
     assert (code, out.strip()) == (0, "1 dead job(s) back to pending")
     assert count_rows(engine, outbox, state="dead") == 0
 
 
-def test_purge_dead_only_unless_forced(capsys, db, staged, engine, outbox):
-    code, out, _ = run(capsys, "jobs", "purge", "--state", "dead", "--older-than", "7d", "--dry-run", *db)
+def test_purge_dead_only_unless_forced(capsys, db_args, staged, engine, outbox):
+    code, out, _ = run(capsys, "jobs", "purge", "--state", "dead", "--older-than", "7d", "--dry-run", *db_args)
     assert (code, out.strip()) == (0, "dry run: 1 job(s) purged (nothing changed)")
     assert count_rows(engine, outbox) == 5
 
-    code, _, err = run(capsys, "jobs", "purge", "--state", "pending", *db)
+    code, _, err = run(capsys, "jobs", "purge", "--state", "pending", *db_args)
     assert code == 2 and "refusing to purge pending rows" in err and "--force" in err
     assert count_rows(engine, outbox) == 5
 
-    code, out, _ = run(capsys, "jobs", "purge", "--older-than", "7d", *db)  # dead by default
+    code, out, _ = run(capsys, "jobs", "purge", "--older-than", "7d", *db_args)  # dead by default
     assert (code, out.strip()) == (0, "1 job(s) purged")
     assert staged["c"] not in states(engine, outbox)
 
-    code, out, _ = run(capsys, "jobs", "purge", "--state", "pending", "--force", staged["a"], *db)
+    code, out, _ = run(capsys, "jobs", "purge", "--state", "pending", "--force", staged["a"], *db_args)
     assert (code, out.strip()) == (0, "1 job(s) purged")
     assert set(states(engine, outbox)) == {staged[k] for k in ("b", "d", "nested")}
 
 
-def test_publish_now_moves_the_due_time(capsys, db, staged, engine, outbox):
-    code, out, _ = run(capsys, "jobs", "publish-now", "--dry-run", *db)
+def test_publish_now_moves_the_due_time(capsys, db_args, staged, engine, outbox):
+    code, out, _ = run(capsys, "jobs", "publish-now", "--dry-run", *db_args)
     assert (code, out.strip()) == (0, "dry run: 1 waiting job(s) due now (nothing changed)")
     before = datetime.now(timezone.utc)
-    code, out, _ = run(capsys, "jobs", "publish-now", staged["nested"], *db)
+    code, out, _ = run(capsys, "jobs", "publish-now", staged["nested"], *db_args)
     assert (code, out.strip()) == (0, "1 waiting job(s) due now")
     row = {r["job_id"]: r for r in outbox_rows(engine, outbox)}[staged["nested"]]
     due = row["available_at"].replace(tzinfo=row["available_at"].tzinfo or timezone.utc)
@@ -204,19 +206,19 @@ def test_publish_now_moves_the_due_time(capsys, db, staged, engine, outbox):
     from reliable_job.integrations.sqlalchemy import SQLAlchemyDatabase
     from reliable_job.settings import Settings
 
-    store = SQLAlchemyDatabase(Settings(database_url=db[1], table_name=db[3]))
+    store = SQLAlchemyDatabase(Settings(database_url=db_args[1], table_name=db_args[3]))
     with store.claim(10) as claim:
         assert staged["nested"] in {r.job_id for r in claim.rows}
         claim.mark_sent([r.id for r in claim.rows])
     store.engine.dispose()
 
 
-def test_progress_on_a_terminal(db, staged, database_url):
+def test_progress_on_a_terminal(db_args, staged, database_url):
     """On a pty, stderr shows the progress; stdout (a pipe) gets the final count line."""
     master, slave = pty.openpty()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "reliable_job.cli", "jobs", "retry-dead", "--batch-size", "1", *db],
+        [sys.executable, "-m", "reliable_job.cli", "jobs", "retry-dead", "--batch-size", "1", *db_args],
         stdout=subprocess.PIPE,
         stderr=slave,
         text=True,
