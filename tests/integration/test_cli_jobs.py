@@ -175,7 +175,9 @@ def test_retry_dead_with_filters_and_dry_run(capsys, db_args, staged, engine, ou
 
 
 def test_purge_dead_only_unless_forced(capsys, db_args, staged, engine, outbox):
-    code, out, _ = run(capsys, "jobs", "purge", "--state", "dead", "--older-than", "7d", "--dry-run", *db_args)
+    code, out, _ = run(
+        capsys, "jobs", "purge", "--state", "dead", "--older-than", "7d", "--dry-run", *db_args
+    )
     assert (code, out.strip()) == (0, "dry run: 1 job(s) purged (nothing changed)")
     assert count_rows(engine, outbox) == 5
 
