@@ -17,6 +17,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,6 +153,19 @@ def run_until_signalled(relay: Relay | RelayGroup) -> None:
     First :func:`preflight`: a permanently wrong database configuration raises (the command exits
     with one line), an unreachable database or broker is logged once and waited out."""
     preflight(relay)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            relay.run()
+        except BaseException as exc:  # re-raised in the main thread
+            failure.append(exc)
+
+    # The relay runs in a thread of its own and the main thread only waits for it and takes the
+    # signals: a handler runs in the main thread between two bytecodes, and had the relay been
+    # running there, relay.stop() could wait for a lock the interrupted code held (the idle wait's,
+    # an Event's condition): a relay that never exits after SIGTERM.
+    worker = threading.Thread(target=run, name="reliable-job-relay")
 
     def stop(signum: int, _frame: Any) -> None:
         logger.info("signal %d: finishing the batch in flight", signum)
@@ -159,7 +173,11 @@ def run_until_signalled(relay: Relay | RelayGroup) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    relay.run()
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
+    if failure:
+        raise failure[0]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
